@@ -1,0 +1,51 @@
+"""The contract every architecture builder follows.
+
+An architecture builder is a function
+
+    build(inputs, trunk, heads, **options) -> Parts
+
+that creates fresh layers and returns the model split in two:
+
+* `encoder`: a `keras.Model` from the model inputs to the *shared
+  representation* (a tensor, or a list/dict of tensors). Its trainable
+  variables are the model's **shared** variables: gradient-level weighting
+  strategies combine the per-task gradients of exactly these.
+* `decoders`: `{task: keras.Model}`, each from the representation (same
+  structure as the encoder output) to that task's output. A decoder's
+  trainable variables are **task-specific**: they receive their own task's
+  gradient only. No variable may belong to two decoders or to the encoder and
+  a decoder. Name each decoder model exactly as its head (`name=head.name`):
+  Keras takes the model's output names from it.
+
+`supports_representation` says whether every decoder reads the whole
+representation, so that gradient strategies may work on the gradients of the
+representation (MGDA-UB style) instead of the shared parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+from keras import tree
+
+
+@dataclasses.dataclass
+class Parts:
+    """What an architecture builder returns (see the module docstring)."""
+
+    encoder: keras.Model
+    decoders: dict
+    supports_representation: bool = True
+    #: One sentence naming which parameters count as shared, for docs/reports.
+    shared_description: str = ""
+
+
+def decoder_inputs(representation, prefix: str):
+    """Fresh `keras.Input`s with the structure and shapes of `representation`."""
+    counter = iter(range(10**6))
+
+    def make(t):
+        return keras.Input(shape=tuple(t.shape[1:]), dtype=t.dtype, name=f"{prefix}_in_{next(counter)}")
+
+    return tree.map_structure(make, representation)
