@@ -28,10 +28,13 @@ def _label_errors():
     try:
         yield
     except tf.errors.InvalidArgumentError as error:
-        match = re.search(r"assertion failed: \[(Head '[^\]]*)\].*?\[x[^\]]*\] \[([^\]]*)\]", str(error), re.S)
+        text = str(error).replace("\\'", "'")
+        match = re.search(r"assertion failed: \[(Head .*?\.)\] \[min:\] \[([^\]]*)\] \[max:\] \[([^\]]*)\]", text)
         if match is None:
             raise
-        raise ValueError(f"{match.group(1)} Received label values: [{match.group(2)}]") from None
+        raise ValueError(
+            f"{match.group(1)} Received: labels with min={match.group(2)}, max={match.group(3)}"
+        ) from None
 
 
 def _input_spec(input_shape, inputs):
@@ -331,10 +334,12 @@ class MultiTaskModel(keras.Model):
                 values = tf.where(mask, values, tf.cast(low, "float32"))
             kind = "integers" if integer else "values"
             message = f"Head {name!r}: labels must be {kind} in [{low}, {high}]."
-            tf.debugging.assert_greater_equal(values, float(low), message=message)
-            tf.debugging.assert_less_equal(values, float(high), message=message)
+            ok = tf.logical_and(tf.reduce_all(values >= low), tf.reduce_all(values <= high))
             if integer:
-                tf.debugging.assert_equal(values, tf.round(values), message=message)
+                ok = tf.logical_and(ok, tf.reduce_all(tf.equal(values, tf.round(values))))
+            tf.debugging.Assert(
+                ok, [message, "min:", tf.reduce_min(values), "max:", tf.reduce_max(values)]
+            )
 
     # --- per-task losses -----------------------------------------------------
     def task_losses(self, y, y_pred, sample_weight):
