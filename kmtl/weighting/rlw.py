@@ -30,10 +30,12 @@ class RLW(Weighting):
     task losses.
 
     Randomness is stateless and graph-safe: draw `n` uses the seed pair
-    `(seed, n)`, where the draw counter `n` is a non-trainable variable.
+    `(seed, n)` with TensorFlow's Philox generator, where the draw counter `n` is a non-trainable variable.
     The sequence of weights is therefore reproducible for a seed, identical
     on every replica, and resumes where it stopped after a checkpoint or a
-    `.keras` reload.
+    `.keras` reload. (Eager and `tf.function` runs give the same numbers;
+    an XLA-compiled step (`jit_compile=True`) uses XLA's own Philox kernel
+    and draws a different, equally reproducible, sequence.)
 
     Args:
         distribution: `"normal"`, `"uniform"` or `"dirichlet"`.
@@ -83,18 +85,18 @@ class RLW(Weighting):
         """Draws the next `[T]` weights (advancing the draw counter)."""
         import tensorflow as tf
 
-        seed = ops.stack([ops.convert_to_tensor(self.seed, dtype="int64"), ops.convert_to_tensor(self.draws)])
+        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.identity(self.draws.value)])
         self.draws.assign_add(ops.convert_to_tensor(1, dtype="int64"))
         shape = (self.num_tasks,)
         mask = ops.cast(present, "float32")
         if self.distribution == "dirichlet":
-            uniform = tf.random.stateless_uniform(shape, seed=seed, minval=1e-12, maxval=1.0)
+            uniform = tf.random.stateless_uniform(shape, seed=seed, minval=1e-12, maxval=1.0, alg="philox")
             x = -ops.log(uniform) * mask
             return x / ops.maximum(ops.sum(x), 1e-30)
         if self.distribution == "normal":
-            x = tf.random.stateless_normal(shape, seed=seed)
+            x = tf.random.stateless_normal(shape, seed=seed, alg="philox")
         else:
-            x = tf.random.stateless_uniform(shape, seed=seed)
+            x = tf.random.stateless_uniform(shape, seed=seed, alg="philox")
         x = ops.where(present, x, ops.full_like(x, -1e30))
         exp = ops.exp(x - ops.max(x)) * mask
         return exp / ops.maximum(ops.sum(exp), 1e-30)
