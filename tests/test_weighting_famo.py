@@ -106,7 +106,9 @@ def test_absent_task_does_not_change_its_state_or_the_others_update():
                     three.weights[[v.name for v in three.weights].index(name)].numpy()[1] == before[name][1]
                 ), name
             assert three.task_weights.numpy()[1] == 0.0
-            np.testing.assert_allclose(three.task_weights.numpy()[[0, 2]], two.task_weights.numpy(), rtol=1e-6)
+            np.testing.assert_allclose(
+                three.task_weights.numpy()[[0, 2]], two.task_weights.numpy(), rtol=1e-6
+            )
         np.testing.assert_allclose(three.logits.numpy()[[0, 2]], two.logits.numpy(), rtol=1e-6)
     # Back after an absence: no update from a stale pair of losses.
     _combine(three, [0.4, 1.0, 1.0])
