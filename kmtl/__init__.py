@@ -13,8 +13,9 @@ Example:
 >>> model.compile(optimizer="adam")
 """
 
-from kmtl import architectures, callbacks, heads, trunks, weighting
+from kmtl import architectures, callbacks, data, evaluation, export, heads, plots, trunks, weighting
 from kmtl.callbacks import TrainingGuard
+from kmtl.evaluation import Report, delta_m, evaluate
 from kmtl.model import MultiTaskModel, NonFiniteLossError, build_model, compile_model
 
 __version__ = "0.1.0"
@@ -22,12 +23,19 @@ __version__ = "0.1.0"
 __all__ = [
     "MultiTaskModel",
     "NonFiniteLossError",
+    "Report",
     "TrainingGuard",
     "architectures",
     "build_model",
     "callbacks",
     "compile_model",
+    "data",
+    "delta_m",
+    "evaluate",
+    "evaluation",
+    "export",
     "heads",
+    "plots",
     "trunks",
     "weighting",
 ]

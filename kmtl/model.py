@@ -21,13 +21,21 @@ class NonFiniteLossError(FloatingPointError):
 
 
 @contextlib.contextmanager
-def _label_errors():
-    """Turns kmtl's in-graph label assertions into a plain ValueError."""
+def _label_errors(model):
+    """Turns kmtl's in-graph label assertions into a plain ValueError.
+
+    After any error the model's cached step functions are dropped, so that a
+    corrected call traces afresh (a failed trace would otherwise forbid
+    creating the loss trackers later).
+    """
     import tensorflow as tf
 
     try:
         yield
-    except tf.errors.InvalidArgumentError as error:
+    except BaseException as error:
+        model.train_function = model.test_function = model.predict_function = None
+        if not isinstance(error, tf.errors.InvalidArgumentError):
+            raise
         text = str(error).replace("\\'", "'")
         match = re.search(r"assertion failed: \[(Head .*?\.)\] \[min:\] \[([^\]]*)\] \[max:\] \[([^\]]*)\]", text)
         if match is None:
@@ -406,11 +414,11 @@ class MultiTaskModel(keras.Model):
         callbacks = list(callbacks or [])
         if not any(isinstance(c, TrainingGuard) for c in callbacks):
             callbacks.append(TrainingGuard())
-        with _label_errors():
+        with _label_errors(self):
             return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def evaluate(self, *args, **kwargs):
-        with _label_errors():
+        with _label_errors(self):
             return super().evaluate(*args, **kwargs)
 
     # --- config --------------------------------------------------------------

@@ -173,10 +173,11 @@ def _gradient_level(model, strategy, x, y, sample_weight):
         return shared_grads + [g for parts in heads for g in parts]
 
     def reuse_weights():
-        alpha = tf.stop_gradient(tf.cast(strategy.task_weights, "float32"))
-        mixed = tf.reduce_sum(tf.stack(scaled) * alpha)
-        shared_grads = _zeros_for_none(tape.gradient(mixed, shared), shared)
-        head_grads = _zeros_for_none(tape.gradient(tf.add_n(scaled), [v for vs in task_vars for v in vs]), [v for vs in task_vars for v in vs])
+        alpha = tf.cast(strategy.task_weights, scaled[0].dtype)
+        weights = [alpha[i] for i in range(len(names))]
+        shared_grads = _zeros_for_none(tape.gradient(scaled, shared, output_gradients=weights), shared)
+        head_vars = [v for vs in task_vars for v in vs]
+        head_grads = _zeros_for_none(tape.gradient(scaled, head_vars), head_vars)
         return shared_grads + head_grads
 
     if strategy.update_every == 1:
@@ -185,8 +186,7 @@ def _gradient_level(model, strategy, x, y, sample_weight):
         grads = tf.cond(tf.equal(step % strategy.update_every, 0), combine_full, reuse_weights)
     variables = shared + [v for vs in task_vars for v in vs]
     if rest:
-        total = tf.add_n(scaled)
-        rest_grads = _zeros_for_none(tape.gradient(total, rest), rest)
+        rest_grads = _zeros_for_none(tape.gradient(scaled, rest), rest)
         grads, variables = grads + rest_grads, variables + rest
     if reg is not None:
         reg_grads = _zeros_for_none(tape.gradient(reg, variables), variables)

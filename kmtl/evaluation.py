@@ -1,0 +1,184 @@
+"""Per-task evaluation reports and the multi-task performance measure Δm."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import keras
+
+#: Metrics for which a lower value is better (used by `delta_m`).
+LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse", "error")
+
+
+class Report(Mapping):
+    """Per-task metrics: a read-only mapping `{task: {metric: value}}`.
+
+    The key `"overall"` holds the metrics that belong to no single task
+    (the weighted total `loss`). Print it for a table; `to_dict()` and
+    `to_markdown()` give plain forms.
+
+    Example:
+
+    >>> r = Report({"digit": {"accuracy": 0.99, "loss": 0.03}}, {"loss": 0.03})
+    >>> r["digit"]["accuracy"]
+    0.99
+    """
+
+    def __init__(self, tasks: dict, overall: dict | None = None):
+        self._tasks = {t: dict(m) for t, m in tasks.items()}
+        self._overall = dict(overall or {})
+
+    def __getitem__(self, key):
+        if key == "overall":
+            return dict(self._overall)
+        if key not in self._tasks:
+            raise KeyError(f"No task {key!r} in this report. Tasks: {list(self._tasks)}")
+        return dict(self._tasks[key])
+
+    def __iter__(self):
+        return iter(self._tasks)
+
+    def __len__(self):
+        return len(self._tasks)
+
+    @property
+    def overall(self) -> dict:
+        return dict(self._overall)
+
+    def metric_names(self) -> list[str]:
+        names = []
+        for metrics in self._tasks.values():
+            names.extend(m for m in metrics if m not in names)
+        return names
+
+    def to_dict(self) -> dict:
+        """`{task: {metric: float}, "overall": {...}}` (JSON-ready)."""
+        out = {t: dict(m) for t, m in self._tasks.items()}
+        if self._overall:
+            out["overall"] = dict(self._overall)
+        return out
+
+    def _rows(self):
+        columns = self.metric_names()
+        rows = [["task"] + columns]
+        for task, metrics in self._tasks.items():
+            rows.append([task] + [_fmt(metrics.get(c)) for c in columns])
+        return rows
+
+    def to_markdown(self) -> str:
+        rows = self._rows()
+        lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        if self._overall:
+            lines.append("")
+            lines.append(", ".join(f"{k}: {_fmt(v)}" for k, v in self._overall.items()))
+        return "\n".join(lines)
+
+    def __str__(self):
+        rows = self._rows()
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        if self._overall:
+            lines.append("overall: " + ", ".join(f"{k}={_fmt(v)}" for k, v in self._overall.items()))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}"
+
+
+def report_from_logs(logs: dict, task_names, prefix: str = "") -> Report:
+    """Splits Keras logs (`digit_accuracy`, `loss`, ...) into a `Report`."""
+    tasks = {t: {} for t in task_names}
+    overall = {}
+    # Longest names first so that "digit_group" is not read as task "digit".
+    ordered = sorted(task_names, key=len, reverse=True)
+    for key, value in logs.items():
+        if prefix:
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix):]
+        for task in ordered:
+            if key.startswith(task + "_"):
+                metric = key[len(task) + 1:]
+                if not metric.startswith("weight"):
+                    tasks[task][metric] = float(value)
+                break
+        else:
+            overall[key] = float(value)
+    return Report(tasks, overall)
+
+
+def evaluate(model: keras.Model, dataset, **kwargs) -> Report:
+    """Evaluates a multi-task model and returns a per-task `Report`.
+
+    Args:
+        model: a compiled dict-output model (e.g. a `kmtl.MultiTaskModel`).
+        dataset: a `tf.data.Dataset` yielding `(x, {task: y})` or
+            `(x, {task: y}, {task: sample_weight})`.
+        **kwargs: passed to `model.evaluate` (e.g. `steps`, `verbose`).
+
+    Returns:
+        A `Report` `{task: {metric: value}}`; `report.overall["loss"]` is the
+        weighted total loss.
+
+    Raises:
+        ValueError: if the model is not compiled.
+    """
+    if not getattr(model, "compiled", False):
+        raise ValueError("`kmtl.evaluate` needs a compiled model: call `model.compile()` first.")
+    kwargs.setdefault("verbose", 0)
+    logs = model.evaluate(dataset, return_dict=True, **kwargs)
+    names = getattr(model, "task_names", None) or list(model.output_names)
+    return report_from_logs(logs, names)
+
+
+def delta_m(report: Mapping, baselines: Mapping, metrics: Mapping | None = None) -> float:
+    """Multi-task performance change Δm (in %), relative to single-task baselines.
+
+    Δm = (100 / K) * sum_k (-1)^{l_k} (M_k - B_k) / B_k over every compared
+    (task, metric) pair k, where l_k = 1 if lower is better for that metric.
+    Positive means the multi-task model is better on average.
+
+    Args:
+        report: `{task: {metric: value}}` of the multi-task model.
+        baselines: same form, for the single-task models.
+        metrics: optional `{task: [metric names]}` to compare; default: all
+            metrics the two share except `loss`.
+
+    Raises:
+        ValueError: for a task or metric missing from either side, or a
+            zero baseline.
+
+    References:
+        Maninis, K.-K., Radosavovic, I., & Kokkinos, I. (2019). Attentive
+        Single-Tasking of Multiple Tasks. CVPR.
+    """
+    terms = []
+    for task in baselines:
+        if task == "overall":
+            continue
+        if task not in report:
+            raise ValueError(f"Task {task!r} is in the baselines but not in the report.")
+        wanted = (metrics or {}).get(task) if metrics else None
+        names = wanted or [m for m in baselines[task] if m in report[task] and m != "loss"]
+        for name in names:
+            if name not in report[task] or name not in baselines[task]:
+                raise ValueError(f"Metric {name!r} of task {task!r} is missing from one side.")
+            base, value = float(baselines[task][name]), float(report[task][name])
+            if base == 0 or not math.isfinite(base):
+                raise ValueError(f"Baseline {task}/{name} must be finite and non-zero. Received: {base}")
+            sign = -1.0 if name.split("_")[-1] in LOWER_IS_BETTER else 1.0
+            terms.append(sign * (value - base) / abs(base))
+    if not terms:
+        raise ValueError("No (task, metric) pair to compare.")
+    return 100.0 * sum(terms) / len(terms)
+
+
+__all__ = ["Report", "evaluate", "delta_m", "report_from_logs"]
