@@ -142,3 +142,12 @@ def test_combine_in_tf_function(jit_compile):
     expected = _dwa_weights([1.0, 0.9], [2.0, 1.0], 2.0)
     np.testing.assert_allclose(strategy.task_weights.numpy(), expected, rtol=1e-6)
     np.testing.assert_allclose(float(total), expected @ [1.0, 2.0], rtol=1e-6)
+
+
+def test_non_finite_loss_is_not_recorded():
+    strategy = DWA()
+    strategy.build(["a", "b"])
+    _combine(strategy, [1.0, 2.0])
+    _combine(strategy, [float("nan"), 4.0])
+    np.testing.assert_allclose(strategy.epoch_loss_sum.numpy(), [1.0, 6.0])
+    np.testing.assert_allclose(strategy.epoch_loss_count.numpy(), [1.0, 2.0])

@@ -166,3 +166,14 @@ def test_combine_in_tf_function_matches_eager(jit_compile):
         fn(tf.constant(losses), tf.constant([True, True]), tf.constant(0, tf.int64))
     np.testing.assert_allclose(graph.logits.numpy(), eager.logits.numpy(), rtol=1e-5)
     np.testing.assert_allclose(graph.task_weights.numpy(), eager.task_weights.numpy(), rtol=1e-5)
+
+
+def test_non_finite_loss_leaves_the_state_finite():
+    strategy = _build()
+    _combine(strategy, [1.0, 1.0])
+    _combine(strategy, [float("nan"), 0.5])
+    _combine(strategy, [float("inf"), 0.4])
+    _combine(strategy, [0.9, 0.3])
+    for variable in strategy.weights:
+        assert np.isfinite(variable.numpy()).all(), variable.name
+    np.testing.assert_allclose(strategy.previous_losses.numpy(), [0.9, 0.3], rtol=1e-6)

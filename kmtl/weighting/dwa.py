@@ -27,7 +27,8 @@ class DWA(Weighting):
 
     State (non-trainable variables): the running sum and count of each
     task's loss in the current epoch, updated in `combine` from the
-    replica-averaged loss values (an absent task records nothing), and the
+    replica-averaged loss values (an absent task, or a non-finite loss,
+    records nothing), and the
     last two epoch means, shifted in `on_epoch_end`. The training loop must
     therefore call `on_epoch_end(epoch)` once at the end of every epoch (a
     task absent for a whole epoch keeps its previous means).
@@ -94,10 +95,11 @@ class DWA(Weighting):
         return count * exp / ops.maximum(ops.sum(exp), 1e-30)
 
     def combine(self, losses, present, step):
-        mask = ops.cast(present, "float32")
         values = ops.cast(self.synced(ops.stop_gradient(losses)), "float32")
-        self.epoch_loss_sum.assign_add(ops.where(present, values, ops.zeros_like(values)))
-        self.epoch_loss_count.assign_add(mask)
+        # A non-finite loss (a step the model discards) is not recorded either.
+        record = ops.logical_and(present, ops.isfinite(values))
+        self.epoch_loss_sum.assign_add(ops.where(record, values, ops.zeros_like(values)))
+        self.epoch_loss_count.assign_add(ops.cast(record, "float32"))
         weights = self.current_weights(present)
         self.task_weights.assign(weights)
         return ops.sum(ops.cast(weights, losses.dtype) * losses)

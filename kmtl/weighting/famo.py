@@ -50,7 +50,8 @@ class FAMO(Weighting):
 
     Masked tasks: the update only involves the tasks present in both
     steps (softmax restricted to them); the other tasks' logits and Adam
-    moments are untouched, and an absent task gets weight 0.
+    moments are untouched, and an absent task gets weight 0. A task whose
+    loss is not finite is treated as absent.
 
     Args:
         learning_rate: step size of the logit update (the paper's `beta`).
@@ -140,8 +141,12 @@ class FAMO(Weighting):
         self.logits.assign(ops.where(pair > 0, new_xi, xi))
 
     def combine(self, losses, present, step):
-        mask = ops.cast(present, "float32")
         values = ops.cast(self.synced(ops.stop_gradient(losses)), "float32")
+        # A task with a non-finite loss (a step the model discards) is
+        # treated as absent, so the state stays finite.
+        present = ops.logical_and(present, ops.isfinite(values))
+        values = ops.where(present, values, ops.ones_like(values))
+        mask = ops.cast(present, "float32")
         self._update_logits(values, mask)
         self.previous_losses.assign(ops.where(present, values, self.previous_losses))
         self.previous_present.assign(mask)
