@@ -1,0 +1,60 @@
+"""Datasets for multi-task learning: IDX files, sources and task pipelines.
+
+- `read_idx` / `write_idx`: the IDX format of MNIST, Fashion-MNIST, EMNIST.
+- `load_arrays(dataset, split, source, data_dir)`: `uint8` images and
+  `int64` labels from local files, tfds or scikit-learn's bundled digits.
+- `mnist_tasks`, `fashion_tasks`, `digits_tasks`, `emnist_tasks` and the
+  generic `task_dataset`: `tf.data` pipelines yielding
+  `(image, {task: label})` with labels derived from one image set.
+- `task_heads`, `available_tasks`, `input_shape`, `class_names`: what a
+  model for those pipelines needs.
+
+Example:
+
+>>> import kmtl
+>>> train = kmtl.data.mnist_tasks(["digit", "parity"], split="train", batch_size=128)
+>>> heads = kmtl.data.task_heads("mnist", ["digit", "parity"])
+"""
+
+from kmtl.data import emnist
+from kmtl.data.idx import IDXError, read_idx, write_idx
+from kmtl.data.sources import DATASETS, SOURCES, clear_cache, data_dir, load_arrays, parse_split
+from kmtl.data.tasks import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_GROUP_OF_CLASS,
+    FASHION_MNIST_GROUPS,
+    available_tasks,
+    class_names,
+    digits_tasks,
+    emnist_tasks,
+    fashion_tasks,
+    input_shape,
+    mnist_tasks,
+    task_dataset,
+    task_heads,
+)
+
+__all__ = [
+    "DATASETS",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_GROUPS",
+    "FASHION_MNIST_GROUP_OF_CLASS",
+    "IDXError",
+    "SOURCES",
+    "available_tasks",
+    "class_names",
+    "clear_cache",
+    "data_dir",
+    "digits_tasks",
+    "emnist",
+    "emnist_tasks",
+    "fashion_tasks",
+    "input_shape",
+    "load_arrays",
+    "mnist_tasks",
+    "parse_split",
+    "read_idx",
+    "task_dataset",
+    "task_heads",
+    "write_idx",
+]
