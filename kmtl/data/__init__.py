@@ -18,6 +18,8 @@ Example:
 
 from kmtl.data import emnist
 from kmtl.data.idx import IDXError, read_idx, write_idx
+from kmtl.data.mixing import mix
+from kmtl.data.multi_mnist import multi_mnist, multi_mnist_arrays
 from kmtl.data.sources import DATASETS, SOURCES, clear_cache, data_dir, load_arrays, parse_split
 from kmtl.data.tasks import (
     FASHION_MNIST_CLASSES,
@@ -51,7 +53,10 @@ __all__ = [
     "fashion_tasks",
     "input_shape",
     "load_arrays",
+    "mix",
     "mnist_tasks",
+    "multi_mnist",
+    "multi_mnist_arrays",
     "parse_split",
     "read_idx",
     "task_dataset",
