@@ -1,11 +1,13 @@
 """Tests of kmtl.data.multi_mnist on real MNIST / Fashion-MNIST subsets."""
 
+import importlib
 import os
 
 import numpy as np
 import pytest
 
-from kmtl.data import multi_mnist as mm
+# The module, not the `kmtl.data.multi_mnist` function that shadows it.
+mm = importlib.import_module("kmtl.data.multi_mnist")
 
 pytestmark = pytest.mark.skipif(
     not os.environ.get("KMTL_DATA_DIR"), reason="needs the MNIST files under $KMTL_DATA_DIR"
