@@ -65,6 +65,11 @@ _SPLIT_PATTERN = re.compile(r"^(train|test)(?:\[([^\[\]]*)\])?$")
 _BOUND_PATTERN = re.compile(r"^\s*(-?\d+)\s*(%?)\s*$")
 _FOLDERS = {"mnist": "mnist", "fashion_mnist": "fashion-mnist"}
 _NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "digits": 10}
+_HOMEPAGES = {
+    "mnist": "https://yann.lecun.com/exdb/mnist/",
+    "fashion_mnist": "https://github.com/zalandoresearch/fashion-mnist",
+    "emnist": "https://www.nist.gov/itl/products-and-services/emnist-dataset (gzip.zip, folder gzip/)",
+}
 
 
 def data_dir(data_dir: str | os.PathLike | None = None) -> Path:
@@ -183,9 +188,9 @@ def _missing_files_error(dataset: str, split: str, root: Path, explicit: bool, t
     return FileNotFoundError(
         f"No local {dataset!r} {split!r} files: looked for {', '.join(names)} in {str(folder)!r} "
         f"(data directory from {origin}).{tfds_note} To get the data, either set KMTL_DATA_DIR "
-        f"(or pass data_dir) to a folder holding the official files with their original names "
-        f"(see kmtl.data.sources), or use source='tfds' to download and prepare it with "
-        f"tensorflow-datasets, or use dataset='digits' (bundled, offline)."
+        f"(or pass data_dir) to a folder holding {folder.name}/ with the official files under their "
+        f"original names (from {_HOMEPAGES[dataset.split('/')[0]]}), or use source='tfds' to "
+        f"download and prepare it with tensorflow-datasets, or use dataset='digits' (bundled, offline)."
     )
 
 
@@ -338,11 +343,8 @@ def load_arrays(
             elif _tfds_prepared(dataset, tfds_data_dir):
                 source = "tfds"
             else:
-                note = " tfds has not prepared it either" + (
-                    f" in {os.fspath(tfds_data_dir)!r}."
-                    if tfds_data_dir is not None
-                    else " in its data directory."
-                )
+                tfds_dir = tfds_data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+                note = f" tfds has not prepared it either in {os.fspath(tfds_dir)!r}."
                 raise _missing_files_error(dataset, base, root, data_dir is not None, note)
         if source == "local":
             if _find_local(dataset, base, root) is None:
