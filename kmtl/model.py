@@ -70,6 +70,27 @@ def _input_spec(input_shape, inputs):
     return spec, True
 
 
+def _global_masked_mean(value, weight):
+    """Makes a replica's masked-mean loss a share of the *global* masked mean.
+
+    Keras divides each replica's weighted loss sum by that replica's own
+    weight total (then by the number of replicas), which differs from the
+    mean over all labelled examples when the labels are unevenly spread over
+    replicas. Multiplying by `replicas * local_total / global_total` gives
+    `local_sum / global_total`, whose sum over replicas is the exact mean.
+    """
+    import tensorflow as tf
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return value
+    local = tf.reduce_sum(tf.cast(weight, "float32"))
+    # stop_gradient on the *output*: the tape must not differentiate the
+    # collective (its gradient is another collective, created per backward).
+    total = tf.stop_gradient(ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(local)))
+    return value * tf.math.divide_no_nan(local * ctx.num_replicas_in_sync, total)
+
+
 @keras.saving.register_keras_serializable(package="kmtl")
 class MultiTaskModel(keras.Model):
     """A multi-task Keras model: shared encoder, one decoder and output per head.
@@ -368,6 +389,8 @@ class MultiTaskModel(keras.Model):
             name = path[0]
             weight = sample_weight.get(name) if isinstance(sample_weight, dict) else sample_weight
             value = ops.cast(loss_fn(y[name], y_pred[name], weight), "float32")
+            if weight is not None:
+                value = _global_masked_mean(value, weight)
             if trackers:
                 trackers[i].update_state(
                     keras.src.losses.loss.unscale_loss_for_distribution(value), sample_weight=batch

@@ -43,8 +43,15 @@ def _zeros_for_none(grads, variables):
     return [tf.zeros_like(v) if g is None else tf.convert_to_tensor(g) for g, v in zip(grads, variables)]
 
 
-def _guard(grads, finite):
-    return [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
+def _guard(grads, finite, after=()):
+    """Zeroes all gradients of a non-finite batch.
+
+    `after`: outputs of collectives launched in this step. Making the
+    gradients depend on them orders those collectives before the optimizer's
+    all-reduce on every replica (unordered collectives can mismatch).
+    """
+    with tf.control_dependencies(list(after)):
+        return [tf.where(finite, g, tf.zeros_like(g)) for g in grads]
 
 
 def _batch_size(x):
@@ -91,6 +98,7 @@ def _loss_level(model, strategy, x, y, sample_weight):
         total = _track_total(model, x, losses, static)
         if strategy is not None:
             replicas = _num_replicas()
+            strategy.pop_collective_outputs()
             objective = strategy.combine(losses * static * replicas, present, model.optimizer.iterations)
             total = objective / replicas
             reg = model._regularization_loss()
@@ -102,7 +110,8 @@ def _loss_level(model, strategy, x, y, sample_weight):
         total = model.optimizer.scale_loss(total)
     grads = tape.gradient(total, variables)
     finite = tf.reduce_all(tf.math.is_finite(losses))
-    grads = _guard(_zeros_for_none(grads, variables), finite)
+    after = strategy.pop_collective_outputs() if strategy is not None else []
+    grads = _guard(_zeros_for_none(grads, variables), finite, after)
     model.optimizer.apply(grads, variables)
     return y_pred, weights
 
@@ -135,10 +144,14 @@ def _gradient_level(model, strategy, x, y, sample_weight):
         if reg is not None:
             reg = model.optimizer.scale_loss(reg)
     shared, task_vars, rest = _split_variables(model, names)
-    present = _sum_over_replicas(tf.cast(present, "float32")) > 0
     step = model.optimizer.iterations
     replicas = _num_replicas()
-    synced_losses = strategy.synced(tf.stop_gradient(weighted)) * replicas
+    strategy.pop_collective_outputs()
+    # One collective for the mask and the losses, ordered before the gradients'.
+    summed = _sum_over_replicas(tf.concat([tf.cast(present, "float32"), tf.stop_gradient(weighted)], 0))
+    num_tasks = len(names)
+    present = summed[:num_tasks] > 0
+    synced_losses = summed[num_tasks:]
 
     def per_task_gradients():
         sources = flat_rep if representation_mode else shared
@@ -157,7 +170,8 @@ def _gradient_level(model, strategy, x, y, sample_weight):
             if strategy.gram_based:
                 num = len(names)
                 gram = tf.add_n([tf.matmul(tf.reshape(g, (num, -1)), tf.reshape(g, (num, -1)), transpose_b=True) for g in stacked])
-                gram = _sum_over_replicas(gram)
+                with tf.control_dependencies([summed]):
+                    gram = _sum_over_replicas(gram)
                 alpha = strategy.weights_from_gram(gram, synced_losses, present, step)
                 strategy.task_weights.assign(tf.cast(alpha, strategy.task_weights.dtype))
                 combined = [tf.tensordot(tf.cast(alpha, g.dtype), g, axes=1) for g in stacked]
@@ -166,7 +180,8 @@ def _gradient_level(model, strategy, x, y, sample_weight):
             shared_grads = tape.gradient(flat_rep, shared, output_gradients=combined)
             shared_grads = _zeros_for_none(shared_grads, shared)
         else:
-            stacked = _sum_over_replicas(stacked)
+            with tf.control_dependencies([summed]):
+                stacked = _sum_over_replicas(stacked)
             combined = strategy.combine_gradients(stacked, synced_losses, present, step)
             # The optimizer sums over replicas again: hand it a per-replica share.
             shared_grads = [g / replicas for g in combined]
@@ -193,6 +208,7 @@ def _gradient_level(model, strategy, x, y, sample_weight):
         grads = [g + r for g, r in zip(grads, reg_grads)]
     del tape
     finite = tf.reduce_all(tf.math.is_finite(losses))
-    model.optimizer.apply(_guard(grads, finite), variables)
+    after = [summed] + strategy.pop_collective_outputs()
+    model.optimizer.apply(_guard(grads, finite, after), variables)
     weights = {n: strategy.task_weights[i] for i, n in enumerate(names)}
     return y_pred, weights

@@ -84,20 +84,15 @@ class Weighting(keras.layers.Layer):
         super().__init__(**kwargs)
         if int(update_every) != update_every or update_every < 1:
             raise ValueError(
-                "`update_every` must be a positive integer. "
-                f"Received: update_every={update_every}"
+                f"`update_every` must be a positive integer. Received: update_every={update_every}"
             )
         if mode is None:
             mode = self.default_mode
         if mode not in ("parameters", "representation"):
-            raise ValueError(
-                "`mode` must be 'parameters' or 'representation'. "
-                f"Received: mode={mode!r}"
-            )
+            raise ValueError(f"`mode` must be 'parameters' or 'representation'. Received: mode={mode!r}")
         if mode == "representation" and not self.supports_representation:
             raise ValueError(
-                f"{type(self).__name__} cannot work on the shared representation. "
-                f"Received: mode={mode!r}"
+                f"{type(self).__name__} cannot work on the shared representation. Received: mode={mode!r}"
             )
         self.update_every = int(update_every)
         self.mode = mode
@@ -128,15 +123,25 @@ class Weighting(keras.layers.Layer):
             name=name,
         )
 
-    @staticmethod
-    def synced(x):
-        """Mean of `x` over replicas (identity outside a multi-replica step)."""
+    def synced(self, x):
+        """Mean of `x` over replicas (identity outside a multi-replica step).
+
+        For state updates only: no gradient flows through it. The result is also recorded so that the training step can order this
+        collective before the optimizer's own all-reduce.
+        """
         import tensorflow as tf
 
         ctx = tf.distribute.get_replica_context()
         if ctx is None or ctx.num_replicas_in_sync == 1:
             return x
-        return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, x)
+        # Not differentiable: the gradient of a collective is another collective.
+        result = tf.stop_gradient(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.stop_gradient(x)))
+        self.__dict__.setdefault("_collective_outputs", []).append(result)
+        return result
+
+    def pop_collective_outputs(self) -> list:
+        """Returns and forgets the outputs of `synced` since the last call."""
+        return self.__dict__.pop("_collective_outputs", [])
 
     def build_state(self, num_tasks: int) -> None:
         """Creates strategy-specific variables. Default: none."""
@@ -155,8 +160,7 @@ class Weighting(keras.layers.Layer):
             step: scalar int tensor, the optimizer iteration (0-based).
         """
         raise NotImplementedError(
-            f"{type(self).__name__} is a {self.level}-level strategy and has "
-            "no `combine`."
+            f"{type(self).__name__} is a {self.level}-level strategy and has no `combine`."
         )
 
     # --- gradient level ------------------------------------------------------
