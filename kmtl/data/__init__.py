@@ -21,20 +21,16 @@ from kmtl.data.idx import IDXError, read_idx, write_idx
 from kmtl.data.mixing import mix
 from kmtl.data.multi_mnist import multi_mnist, multi_mnist_arrays
 from kmtl.data.sources import DATASETS, SOURCES, clear_cache, data_dir, load_arrays, parse_split
-from kmtl.data.tasks import (
+from kmtl.data.task_specs import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_GROUP_OF_CLASS,
     FASHION_MNIST_GROUPS,
     available_tasks,
     class_names,
-    digits_tasks,
-    emnist_tasks,
-    fashion_tasks,
     input_shape,
-    mnist_tasks,
-    task_dataset,
     task_heads,
 )
+from kmtl.data.tasks import digits_tasks, emnist_tasks, fashion_tasks, mnist_tasks, task_dataset
 
 __all__ = [
     "DATASETS",

@@ -1,33 +1,7 @@
 """Multi-task `tf.data` pipelines derived from one labelled image set.
 
-Every task is a function of the image's label, so one image set feeds
-several heads at once:
-
-| dataset                  | task        | head           | target                                      |
-|--------------------------|-------------|----------------|---------------------------------------------|
-| `mnist`, `digits`        | `digit`     | Classification(10) | int32 digit 0..9                        |
-|                          | `parity`    | Binary         | float32, 1 = odd                            |
-|                          | `large`     | Binary         | float32, 1 = digit >= 5                     |
-|                          | `value`     | Regression     | float32 digit value                         |
-| `fashion_mnist`          | `item`      | Classification(10) | int32 class (`FASHION_MNIST_CLASSES`)   |
-|                          | `group`     | Classification(5)  | int32 coarse group (`FASHION_MNIST_GROUPS`) |
-| `emnist/balanced`, `emnist/bymerge`, `emnist/byclass` | `char` | Classification(47/47/62) | int32 class (`kmtl.data.emnist.emnist_char_names`) |
-|                          | `is_letter` | Binary         | float32, 1 = letter, 0 = digit              |
-|                          | `case`      | Binary         | float32, 1 = lower case (masked where undefined) |
-| `emnist/letters`         | `char`      | Classification(26) | int32 letter, A = 0 (stored labels 1..26 minus 1) |
-| `emnist/digits`, `emnist/mnist` | `char`, `parity`, `large`, `value` | as for `mnist` |     |
-
-Fashion-MNIST groups: `top` = {T-shirt/top, Pullover, Coat, Shirt},
-`bottom` = {Trouser}, `dress` = {Dress}, `footwear` = {Sandal, Sneaker,
-Ankle boot}, `bag` = {Bag}.
-
-EMNIST `case` is defined only for classes holding a single case (all
-letters of `byclass`; in `bymerge`/`balanced` the 11 letters with separate
-upper- and lower-case classes, both cases). When `case` is requested the
-pipeline yields `(image, {task: y}, {task: weight})` with a weight for every
-requested task: 1.0 where the label is defined, 0.0 for `case` on digits and
-merged-case letters (whose `case` target is a placeholder 0). Use the
-heads' `mean_with_sample_weight` reduction so masked examples add no loss.
+The tasks of each dataset (`digit`, `parity`, `item`, `group`, `char`,
+`case`, ...) are defined in `kmtl.data.task_specs`.
 
 Pipelines: images `float32 [H, W, 1]` in [0, 1] (the uint8 images are
 gathered per batch and normalised in graph), labels keyed by task name in
@@ -40,168 +14,17 @@ epochs), then batched and prefetched with `AUTOTUNE`.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from kmtl.data import emnist as _emnist
-from kmtl.data.sources import _check_dataset, load_arrays, parse_split
+from kmtl.data.sources import load_arrays, parse_split
+from kmtl.data.task_specs import _check_tasks
 
-__all__ = [
-    "FASHION_MNIST_CLASSES",
-    "FASHION_MNIST_GROUPS",
-    "FASHION_MNIST_GROUP_OF_CLASS",
-    "available_tasks",
-    "class_names",
-    "digits_tasks",
-    "emnist_tasks",
-    "fashion_tasks",
-    "input_shape",
-    "mnist_tasks",
-    "task_dataset",
-    "task_heads",
-]
+__all__ = ["digits_tasks", "emnist_tasks", "fashion_tasks", "mnist_tasks", "task_dataset"]
 
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
-FASHION_MNIST_GROUPS = ("top", "bottom", "dress", "footwear", "bag")
-FASHION_MNIST_GROUP_OF_CLASS = (0, 1, 0, 2, 0, 3, 0, 3, 4, 3)  # class index -> group index
 _UNBATCHED_BLOCK = 1024
-
-
-class _Task(NamedTuple):
-    kind: str  # "classification", "binary" or "regression"
-    num_classes: int | None
-    derive: object  # labels (int64 [N]) -> (target [N], weight [N] or None)
-
-
-def _digit_tasks(name: str) -> dict[str, _Task]:
-    return {
-        name: _Task("classification", 10, lambda y: (y.astype(np.int32), None)),
-        "parity": _Task("binary", None, lambda y: ((y % 2).astype(np.float32), None)),
-        "large": _Task("binary", None, lambda y: ((y >= 5).astype(np.float32), None)),
-        "value": _Task("regression", None, lambda y: (y.astype(np.float32), None)),
-    }
-
-
-def _emnist_task(split_name: str, key: str, weighted: bool = False):
-    def derive(labels):
-        derived = _emnist.emnist_derived_labels(split_name, labels)
-        return derived[key], (derived["case_weight"] if weighted else None)
-
-    return derive
-
-
-def _tasks_of(dataset: str) -> dict[str, _Task]:
-    _check_dataset(dataset)
-    if dataset in ("mnist", "digits"):
-        return _digit_tasks("digit")
-    if dataset == "fashion_mnist":
-        groups = np.asarray(FASHION_MNIST_GROUP_OF_CLASS, np.int32)
-        return {
-            "item": _Task("classification", 10, lambda y: (y.astype(np.int32), None)),
-            "group": _Task("classification", len(FASHION_MNIST_GROUPS), lambda y: (groups[y], None)),
-        }
-    split_name = dataset.split("/", 1)[1]
-    num_classes, _ = _emnist.EMNIST_SPLITS[split_name]
-    char = _Task("classification", num_classes, _emnist_task(split_name, "char"))
-    if split_name in ("digits", "mnist"):
-        return {"char": char, **{k: v for k, v in _digit_tasks("char").items() if k != "char"}}
-    if split_name == "letters":
-        return {"char": char}
-    return {
-        "char": char,
-        "is_letter": _Task("binary", None, _emnist_task(split_name, "is_letter")),
-        "case": _Task("binary", None, _emnist_task(split_name, "case", weighted=True)),
-    }
-
-
-def available_tasks(dataset: str) -> list[str]:
-    """Returns the task names `task_dataset` derives for `dataset`.
-
-    >>> kmtl.data.available_tasks("mnist")
-    ['digit', 'parity', 'large', 'value']
-    """
-    return list(_tasks_of(dataset))
-
-
-def input_shape(dataset: str) -> tuple[int, int, int]:
-    """Returns the image shape a pipeline yields: `(8, 8, 1)` for digits, else `(28, 28, 1)`."""
-    return (8, 8, 1) if _check_dataset(dataset) == "digits" else (28, 28, 1)
-
-
-def class_names(dataset: str, task: str) -> list[str]:
-    """Returns the class names of a classification task, index = class.
-
-    Raises:
-        ValueError: if the task is unknown or not a classification task.
-
-    >>> kmtl.data.class_names("fashion_mnist", "group")
-    ['top', 'bottom', 'dress', 'footwear', 'bag']
-    """
-    spec = _check_tasks(dataset, [task])[task]
-    if spec.kind != "classification":
-        raise ValueError(
-            f"Task {task!r} of {dataset!r} has no classes; it is a {spec.kind} task. Received: task={task!r}"
-        )
-    if dataset == "fashion_mnist":
-        return list(FASHION_MNIST_CLASSES if task == "item" else FASHION_MNIST_GROUPS)
-    if dataset.startswith("emnist/"):
-        return _emnist.emnist_char_names(dataset.split("/", 1)[1])
-    return [str(digit) for digit in range(10)]
-
-
-def _check_tasks(dataset: str, tasks) -> dict[str, _Task]:
-    available = _tasks_of(dataset)
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(tasks) if isinstance(tasks, (list, tuple)) else tasks
-    if not isinstance(tasks, list) or not tasks:
-        raise ValueError(
-            f"`tasks` must be a non-empty list of task names from {list(available)}. Received: tasks={tasks!r}"
-        )
-    unknown = [task for task in tasks if task not in available]
-    if unknown:
-        raise ValueError(
-            f"Unknown task(s) {unknown} for dataset {dataset!r}; available tasks: {list(available)}. "
-            f"Received: tasks={tasks!r}"
-        )
-    duplicates = sorted({task for task in tasks if tasks.count(task) > 1})
-    if duplicates:
-        raise ValueError(f"Duplicate task names {duplicates}; list each task once. Received: tasks={tasks!r}")
-    return {task: available[task] for task in tasks}
-
-
-def task_heads(dataset: str, tasks: Sequence[str]) -> list:
-    """Returns one `kmtl.heads` head per task, in order, sized for `dataset`.
-
-    Args:
-        dataset: a dataset name of `kmtl.data.load_arrays`.
-        tasks: task names from `available_tasks(dataset)`.
-
-    Returns:
-        A list of `kmtl.heads.Classification`, `Binary` or `Regression`.
-
-    Raises:
-        ValueError: for unknown or duplicate task names.
-
-    >>> [head.name for head in kmtl.data.task_heads("mnist", ["digit", "parity"])]
-    ['digit', 'parity']
-    """
-    from kmtl import heads  # imported here: kmtl.heads imports Keras
-
-    specs = _check_tasks(dataset, tasks)
-    built = []
-    for name, spec in specs.items():
-        if spec.kind == "classification":
-            built.append(heads.Classification(name, num_classes=spec.num_classes))
-        elif spec.kind == "binary":
-            built.append(heads.Binary(name))
-        else:
-            built.append(heads.Regression(name))
-    return built
 
 
 def _check_batch_size(batch_size):
@@ -304,36 +127,82 @@ def task_dataset(
     return pipeline.prefetch(tf.data.AUTOTUNE)
 
 
-def mnist_tasks(tasks: Sequence[str], split: str = "train", batch_size: int | None = 128, **kwargs):
+def mnist_tasks(
+    tasks: Sequence[str],
+    split: str = "train",
+    batch_size: int | None = 128,
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    shuffle: bool | None = None,
+    seed: int | None = 0,
+    drop_remainder: bool = False,
+    tfds_data_dir: str | os.PathLike | None = None,
+):
     """MNIST pipeline with tasks `digit`, `parity`, `large`, `value`.
 
-    Same arguments as `task_dataset` (without `dataset`).
+    Arguments, return value and errors as in `task_dataset` (without `dataset`).
 
     >>> train = kmtl.data.mnist_tasks(["digit", "parity", "value"], split="train", batch_size=128)
     """
-    return task_dataset("mnist", tasks, split, batch_size, **kwargs)
+    return task_dataset(
+        "mnist", tasks, split, batch_size, source, data_dir, shuffle, seed, drop_remainder, tfds_data_dir
+    )
 
 
-def fashion_tasks(tasks: Sequence[str], split: str = "train", batch_size: int | None = 128, **kwargs):
+def fashion_tasks(
+    tasks: Sequence[str],
+    split: str = "train",
+    batch_size: int | None = 128,
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    shuffle: bool | None = None,
+    seed: int | None = 0,
+    drop_remainder: bool = False,
+    tfds_data_dir: str | os.PathLike | None = None,
+):
     """Fashion-MNIST pipeline with tasks `item` (10 classes) and `group` (5 coarse groups).
 
     Groups (`FASHION_MNIST_GROUPS`): `top` = T-shirt/top, Pullover, Coat,
     Shirt; `bottom` = Trouser; `dress` = Dress; `footwear` = Sandal,
-    Sneaker, Ankle boot; `bag` = Bag. Same arguments as `task_dataset`.
+    Sneaker, Ankle boot; `bag` = Bag. Arguments as in `task_dataset`.
 
     >>> train = kmtl.data.fashion_tasks(["item", "group"], split="train[:1000]")
     """
-    return task_dataset("fashion_mnist", tasks, split, batch_size, **kwargs)
+    return task_dataset(
+        "fashion_mnist",
+        tasks,
+        split,
+        batch_size,
+        source,
+        data_dir,
+        shuffle,
+        seed,
+        drop_remainder,
+        tfds_data_dir,
+    )
 
 
-def digits_tasks(tasks: Sequence[str], split: str = "train", batch_size: int | None = 128, **kwargs):
+def digits_tasks(
+    tasks: Sequence[str],
+    split: str = "train",
+    batch_size: int | None = 128,
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    shuffle: bool | None = None,
+    seed: int | None = 0,
+    drop_remainder: bool = False,
+    tfds_data_dir: str | os.PathLike | None = None,
+):
     """scikit-learn digits (8x8, bundled, offline) with the MNIST tasks.
 
-    Same arguments as `task_dataset`; `source` is ignored.
+    Arguments as in `task_dataset`; `source`, `data_dir` and `tfds_data_dir`
+    are ignored (the data ships with scikit-learn).
 
     >>> train = kmtl.data.digits_tasks(["digit", "large"], batch_size=64)
     """
-    return task_dataset("digits", tasks, split, batch_size, **kwargs)
+    return task_dataset(
+        "digits", tasks, split, batch_size, source, data_dir, shuffle, seed, drop_remainder, tfds_data_dir
+    )
 
 
 def emnist_tasks(
@@ -341,16 +210,35 @@ def emnist_tasks(
     split_name: str = "balanced",
     split: str = "train",
     batch_size: int | None = 128,
-    **kwargs,
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    shuffle: bool | None = None,
+    seed: int | None = 0,
+    drop_remainder: bool = False,
+    tfds_data_dir: str | os.PathLike | None = None,
 ):
     """EMNIST pipeline for one split (`balanced`, `byclass`, `bymerge`, `letters`, `digits`, `mnist`).
 
     Tasks: `char`; `is_letter` and `case` for `balanced`/`bymerge`/`byclass`;
     `parity`, `large`, `value` for `digits`/`mnist`. With `case`, yields
     `(image, labels, weights)` (see the module docstring). Images are
-    upright. Same other arguments as `task_dataset`.
+    upright. Other arguments as in `task_dataset`.
+
+    Raises:
+        ValueError: for an unknown `split_name`, and as `task_dataset`.
 
     >>> train = kmtl.data.emnist_tasks(["char", "is_letter", "case"], split_name="balanced")
     """
     _emnist._check_split_name(split_name)
-    return task_dataset(f"emnist/{split_name}", tasks, split, batch_size, **kwargs)
+    return task_dataset(
+        f"emnist/{split_name}",
+        tasks,
+        split,
+        batch_size,
+        source,
+        data_dir,
+        shuffle,
+        seed,
+        drop_remainder,
+        tfds_data_dir,
+    )
