@@ -51,6 +51,8 @@ import tensorflow as tf
 
 SAMPLERS = ("uniform", "proportional", "annealed", "round_robin")
 _DEFAULT_TEMPERATURE = {"proportional": 1.0, "annealed": 5.0}
+# Examples per block when converting a task's examples to the mixed structure.
+_BLOCK = 64
 
 
 def _spec_text(spec) -> str:
@@ -84,10 +86,6 @@ def _check_dataset(task, dataset):
                 f"Received: element_spec={_spec_text(spec)}"
             )
     return x_spec, labels[task]
-
-
-def _zeros(spec):
-    return tf.nest.map_structure(lambda s: tf.zeros(s.shape, s.dtype), spec)
 
 
 def _dataset_size(task, dataset, sizes) -> int:
@@ -244,39 +242,61 @@ def mix(
         epoch_length = int(sum(counts))
 
     def to_multitask(task):
+        # Converts a block of examples of `task` to the common structure; done
+        # per block (not per example) because a tf.data function call per
+        # example would dominate the cost of the stream.
+        def zeros(spec, count):
+            return tf.nest.map_structure(
+                lambda s: tf.zeros(
+                    tf.concat([[count], tf.constant(s.shape.as_list(), tf.int32)], 0), s.dtype
+                ),
+                spec,
+            )
+
         def convert(x, labels):
+            count = tf.shape(labels[task])[0]
             if routed:
-                x = {t: x if t == task else _zeros(specs[t][0]) for t in tasks}
-            y = {t: labels[t] if t == task else _zeros(specs[t][1]) for t in tasks}
-            mask = {t: tf.constant(1.0 if t == task else 0.0, tf.float32) for t in tasks}
+                x = {t: x if t == task else zeros(specs[t][0], count) for t in tasks}
+            y = {t: labels[t] if t == task else zeros(specs[t][1], count) for t in tasks}
+            mask = {t: tf.fill([count], 1.0 if t == task else 0.0) for t in tasks}
             return x, y, mask
 
         return convert
 
-    streams = [datasets[t].map(to_multitask(t), num_parallel_calls=tf.data.AUTOTUNE).repeat() for t in tasks]
+    def blocks(task, size):
+        stream = datasets[task].repeat().batch(size, drop_remainder=True)
+        return stream.map(to_multitask(task), num_parallel_calls=tf.data.AUTOTUNE)
+
     steps = -(-epoch_length // batch_size)
-    if sampler in ("uniform", "proportional"):
-        weights = [1.0 / len(tasks)] * len(tasks)
-        if sampler == "proportional":
-            weights = _probabilities(counts, 1.0 / temperature).tolist()
-        mixed = tf.data.Dataset.sample_from_datasets(
-            streams, weights=weights, seed=seed, rerandomize_each_iteration=True
-        )
-        mixed = mixed.take(epoch_length).batch(batch_size)
-    elif sampler == "round_robin":
-        batched = [stream.batch(batch_size) for stream in streams]
+    if sampler == "round_robin":
+        batched = [blocks(t, batch_size) for t in tasks]
         choice = tf.data.Dataset.range(len(tasks)).repeat().take(steps)
         mixed = tf.data.Dataset.choose_from_datasets(batched, choice)
-        mixed = mixed.apply(tf.data.experimental.assert_cardinality(steps))
+        return mixed.apply(tf.data.experimental.assert_cardinality(steps)).prefetch(tf.data.AUTOTUNE)
+
+    if sampler == "uniform":
+        table = np.full((1, len(tasks)), 1.0 / len(tasks))
+    elif sampler == "proportional":
+        table = _probabilities(counts, 1.0 / temperature)[None, :]
     else:
-        table = tf.constant(np.log(annealed_probabilities(counts, num_epochs, temperature)), tf.float32)
+        table = annealed_probabilities(counts, num_epochs, temperature)
+    logits = tf.constant(np.log(table), tf.float32)
+    passes = len(table)
 
+    def choices(pass_seed):
+        # The task of every example, drawn one batch at a time; `pass_seed`
+        # changes with each pass over the dataset, deterministically from `seed`.
         def draw(step):
-            logits = tf.gather(table, step // steps)[None, :]
-            seeds = tf.stack([tf.constant(seed, tf.int64), step])
-            return tf.random.stateless_categorical(logits, batch_size, seeds, dtype=tf.int64)[0]
+            row = tf.gather(logits, tf.minimum(step // steps, passes - 1))[None, :]
+            seeds = tf.stack([pass_seed, step])
+            return tf.random.stateless_categorical(row, batch_size, seeds, dtype=tf.int64)[0]
 
-        choice = tf.data.Dataset.range(num_epochs * steps).map(draw).unbatch()
-        mixed = tf.data.Dataset.choose_from_datasets(streams, choice).batch(batch_size)
-        mixed = mixed.apply(tf.data.experimental.assert_cardinality(num_epochs * steps))
+        return tf.data.Dataset.range(passes * steps).map(draw).unbatch()
+
+    choice = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1).flat_map(choices)
+    if sampler != "annealed":
+        choice = choice.take(epoch_length)
+    streams = [blocks(t, _BLOCK).unbatch() for t in tasks]
+    mixed = tf.data.Dataset.choose_from_datasets(streams, choice).batch(batch_size)
+    mixed = mixed.apply(tf.data.experimental.assert_cardinality(passes * steps))
     return mixed.prefetch(tf.data.AUTOTUNE)
