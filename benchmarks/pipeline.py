@@ -1,0 +1,166 @@
+"""Input pipeline speed vs the MultiLeNet training step rate, in one run.
+
+Measures, in one process:
+
+- the examples/s each kmtl.data pipeline delivers alone (no model):
+  `mnist_tasks`, `fashion_tasks`, `multi_mnist` (sener and pareto recipes)
+  and `mix` (MNIST digits + Fashion items, proportional sampler);
+- the examples/s the MultiLeNet model (`kmtl.trunks.lenet()` with a `left`
+  and a `right` classification head, batch 256) consumes in `fit` on one
+  in-memory batch repeated (so input cost is negligible);
+- the cold generation time of the full MultiMNIST training set (first call in
+  the process, including reading the IDX files) and the warm one (source
+  images already in memory), with the file cache disabled.
+
+Contenders alternate within each repeat and the table reports the median
+over repeats, plus each pipeline's rate divided by the training rate (target:
+at least 10x) and the generation time (target: under 10 s).
+
+Run (from the repository root):
+
+    KMTL_DATA_DIR=/work/shared/data python benchmarks/pipeline.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5, help="measurements per contender")
+    parser.add_argument("--batches", type=int, default=60, help="pipeline batches per measurement")
+    parser.add_argument("--steps", type=int, default=15, help="training steps per measurement")
+    parser.add_argument("--batch-size", type=int, default=256)
+    return parser.parse_args()
+
+
+def generation_times(multi_mnist_module, repeats):
+    """Cold (first in process) and median warm full-train-set generation times."""
+    start = time.perf_counter()
+    multi_mnist_module.multi_mnist_arrays("train", recipe="sener", cache_dir=False)
+    cold = time.perf_counter() - start
+    timings = {"sener": [], "pareto": []}
+    for _ in range(repeats):
+        for recipe in timings:
+            multi_mnist_module.clear_memory_cache()
+            start = time.perf_counter()
+            multi_mnist_module.multi_mnist_arrays("train", recipe=recipe, cache_dir=False)
+            timings[recipe].append(time.perf_counter() - start)
+    multi_mnist_module.clear_memory_cache()
+    return cold, {recipe: statistics.median(values) for recipe, values in timings.items()}
+
+
+def make_pipelines(data, batch_size):
+    unbatched = {
+        "digit": data.mnist_tasks(["digit"], split="train", batch_size=None, seed=0),
+        "item": data.fashion_tasks(["item"], split="train", batch_size=None, seed=0),
+    }
+    return {
+        "mnist_tasks (digit, parity)": data.mnist_tasks(
+            ["digit", "parity"], split="train", batch_size=batch_size
+        ),
+        "fashion_tasks (item, group)": data.fashion_tasks(
+            ["item", "group"], split="train", batch_size=batch_size
+        ),
+        "multi_mnist sener": data.multi_mnist(
+            "train", recipe="sener", batch_size=batch_size, cache_dir=False
+        ),
+        "multi_mnist pareto": data.multi_mnist(
+            "train", recipe="pareto", batch_size=batch_size, cache_dir=False
+        ),
+        "mix digit+item (proportional)": data.mix(unbatched, sampler="proportional", batch_size=batch_size),
+    }
+
+
+def pipeline_meter(dataset, batches):
+    iterator = iter(dataset.repeat())
+    for _ in range(3):  # warm-up: builds buffers, shuffles, the first cache pass
+        next(iterator)
+
+    def measure():
+        count = 0
+        start = time.perf_counter()
+        for _ in range(batches):
+            x = next(iterator)[0]
+            count += int((next(iter(x.values())) if isinstance(x, dict) else x).shape[0])
+        return count / (time.perf_counter() - start)
+
+    return measure
+
+
+def training_meter(kmtl, batch_size, steps):
+    import keras
+    import tensorflow as tf
+
+    from kmtl import heads
+
+    model = kmtl.build_model(
+        input_shape=(28, 28, 1),
+        trunk=kmtl.trunks.lenet(),
+        heads=[heads.Classification("left", 10), heads.Classification("right", 10)],
+    )
+    model.compile(optimizer="adam", loss_weights={"left": 1.0, "right": 1.0})
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(batch_size, 28, 28, 1)).astype("float32")
+    y = {task: rng.integers(0, 10, batch_size) for task in ("left", "right")}
+    batch = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
+    model.fit(batch, steps_per_epoch=3, epochs=1, verbose=0)  # compiles the train step
+
+    def measure():
+        start = time.perf_counter()
+        model.fit(batch, steps_per_epoch=steps, epochs=1, verbose=0)
+        return steps * batch_size / (time.perf_counter() - start)
+
+    keras.utils.set_random_seed(0)
+    return measure
+
+
+def main():
+    args = parse_args()
+    import importlib
+
+    # The module (the `kmtl.data.multi_mnist` attribute is the pipeline function).
+    multi_mnist_module = importlib.import_module("kmtl.data.multi_mnist")
+    cold, warm = generation_times(multi_mnist_module, args.repeats)
+
+    import kmtl
+    import kmtl.data as data
+
+    meters = {
+        name: pipeline_meter(ds, args.batches) for name, ds in make_pipelines(data, args.batch_size).items()
+    }
+    meters["training: MultiLeNet fit"] = training_meter(kmtl, args.batch_size, args.steps)
+    rates = {name: [] for name in meters}
+    for _ in range(args.repeats):  # alternate the contenders within each repeat
+        for name, measure in meters.items():
+            rates[name].append(measure())
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    training = median.pop("training: MultiLeNet fit")
+
+    print(f"\nbatch size {args.batch_size}; median of {args.repeats} alternating repeats\n")
+    print("| contender | examples/s | ratio to training | target >= 10x |")
+    print("|---|---:|---:|---|")
+    for name, rate in median.items():
+        ratio = rate / training
+        print(f"| {name} | {rate:,.0f} | {ratio:,.1f}x | {'pass' if ratio >= 10 else 'FAIL'} |")
+    print(f"| training: MultiLeNet fit (batch {args.batch_size}) | {training:,.0f} | 1.0x | |")
+    print()
+    print("| MultiMNIST generation, full train set, file cache off | seconds | target < 10 s |")
+    print("|---|---:|---|")
+    print(
+        f"| sener, cold (first call: IDX read + generation) | {cold:.2f} | {'pass' if cold < 10 else 'FAIL'} |"
+    )
+    for recipe, seconds in warm.items():
+        count = "60,000" if recipe == "sener" else "120,000"
+        print(
+            f"| {recipe}, warm sources ({count} composites) | {seconds:.2f} | {'pass' if seconds < 10 else 'FAIL'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
