@@ -104,3 +104,16 @@ def representation_inputs(representation, prefix: str):
             for key, t in representation.items()
         }
     return decoder_inputs(representation, prefix)
+
+
+def branch(tensor, name: str):
+    """A copy of `tensor` (a reshape to its own shape) for the representation.
+
+    Representation-level weighting takes each task's gradient with respect to
+    every representation tensor and then back-propagates their combination
+    through the encoder. That is only right if no representation tensor is
+    computed from another one (else a gradient would count the downstream
+    path twice), so a tensor that the encoder also uses internally (a stem,
+    an MTAN stage) enters the representation through its own copy.
+    """
+    return keras.layers.Reshape(tuple(tensor.shape[1:]), name=name)(tensor)

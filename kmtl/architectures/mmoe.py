@@ -72,7 +72,7 @@ def build_mmoe(inputs, trunk, heads, num_experts: int = 4, gate_input: str = "in
     stem, first_stage = _common.stem_and_stages(trunk, gate_input, "mmoe")
     base = _common.apply(stem, inputs)
     num_stages = len(trunk.stages("probe"))
-    representation = {"gate_input": base}
+    representation = {"gate_input": _common.branch(base, "gate_input_branch") if stem else base}
     for i in range(num_experts):
         representation[f"expert_{i}"] = _common.expert(trunk, f"expert_{i}", first_stage, num_stages, base)
     encoder = keras.Model(inputs, representation, name="encoder")

@@ -68,6 +68,8 @@ def build_mtan(inputs, trunk, heads) -> Parts:
     for block in trunk.stages("shared")[:num_conv]:
         x = block(x)
         stages.append(x)
+    # Every stage but the last feeds the next one: hand the decoders copies (see _common.branch).
+    stages = [_common.branch(f, f"stage_{j}_branch") for j, f in enumerate(stages[:-1])] + stages[-1:]
     encoder = keras.Model(inputs, stages, name="encoder")
 
     # === Decoders: attention chain, task tower, head ===

@@ -170,7 +170,7 @@ def _build(inputs, trunk, heads, num_levels, num_shared, num_task, gate_input, a
     for i, e in enumerate(_experts(trunk, f"level_{last}_shared_expert", num_shared, bounds[last], shared_in)):
         representation[f"shared_expert_{i}"] = e
     if num_levels == 1:
-        representation["input"] = base
+        representation["input"] = _common.branch(base, "input_branch") if stem else base
     else:
         representation.update({f"{t}_input": task_in[t] for t in names})
     encoder = keras.Model(inputs, representation, name="encoder")
