@@ -113,8 +113,8 @@ def export_and_load(model, path):
         saved_model = None
     if saved_model is not None:
         saved_model(model, path)
-        signature = tf.saved_model.load(str(path)).signatures["serving_default"]
-        return lambda inputs: signature(**inputs)
+        loaded = tf.saved_model.load(str(path))
+        return lambda inputs: loaded.signatures["serving_default"](**inputs)
     model.export(str(path), format="tf_saved_model", verbose=False)
     loaded = tf.saved_model.load(str(path))
     return lambda inputs: loaded.serve(inputs if len(inputs) > 1 else next(iter(inputs.values())))
@@ -142,7 +142,7 @@ class OnesFromGram(Weighting):
         return keras.ops.ones((keras.ops.shape(gram)[0],), "float32")
 
 
-def assert_gradient_level_equals_equal_weighting(make_model, x, y, mode: str = "parameters"):
+def assert_gradient_level_equals_equal_weighting(make_model, x, y, mode: str = "parameters", sample_weight=None):
     """One SGD step with `OnesFromGram` equals one step with static equal weights."""
     reference = make_model()
     candidate = make_model()
@@ -150,8 +150,8 @@ def assert_gradient_level_equals_equal_weighting(make_model, x, y, mode: str = "
     reference.compile(optimizer=keras.optimizers.SGD(0.5))
     candidate.compile(optimizer=keras.optimizers.SGD(0.5), weighting=OnesFromGram(mode=mode))
     before = [np.array(w) for w in reference.get_weights()]
-    reference.train_on_batch(x, y)
-    candidate.train_on_batch(x, y)
+    reference.train_on_batch(x, y, sample_weight=sample_weight)
+    candidate.train_on_batch(x, y, sample_weight=sample_weight)
     moved = False
     for b, r, c in zip(before, reference.get_weights(), candidate.get_weights()):
         np.testing.assert_allclose(c, r, atol=2e-5, rtol=1e-4)
