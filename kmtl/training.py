@@ -99,6 +99,8 @@ def _loss_level(model, strategy, x, y, sample_weight):
         if strategy is not None:
             replicas = _num_replicas()
             strategy.pop_collective_outputs()
+            # "Present" means labelled somewhere in the global batch.
+            present = _sum_over_replicas(tf.cast(present, "float32")) > 0
             objective = strategy.combine(losses * static * replicas, present, model.optimizer.iterations)
             total = objective / replicas
             reg = model._regularization_loss()

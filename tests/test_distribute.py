@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(
     two_devices = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     single = lambda: one_device
     mirrored = lambda: two_devices
-    for weighting, mode in [(None, None), (kmtl.weighting.DWA, ""),
+    for weighting, mode in [(None, None), (kmtl.weighting.Uncertainty, ""), (kmtl.weighting.DWA, ""),
                             (SumOfGradients, "parameters"), (SumOfGradients, "representation"),
                             (NormalizedSum, "parameters"), (NormalizedSum, "representation")]:
         w1, h1 = run(single, weighting, mode)
