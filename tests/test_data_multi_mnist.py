@@ -223,3 +223,24 @@ def test_missing_files_name_what_was_looked_for(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         mm.multi_mnist_arrays(SPLIT, source="local", data_dir=str(tmp_path), cache_dir=False)
     assert str(tmp_path) in str(error.value) and "mnist" in str(error.value)
+
+
+def test_multilenet_with_equal_weights_exceeds_90_percent_on_both_tasks():
+    """The issue's check: MultiLeNet, equal weights, a few epochs on `sener` MultiMNIST."""
+    import keras
+
+    import kmtl
+    from kmtl import heads
+
+    keras.utils.set_random_seed(0)
+    train = mm.multi_mnist("train[:40000]", recipe="sener", batch_size=128, cache_dir=False)
+    test = mm.multi_mnist("test", recipe="sener", batch_size=1000, cache_dir=False)
+    model = kmtl.build_model(
+        input_shape=(28, 28, 1),
+        trunk=kmtl.trunks.lenet(),
+        heads=[heads.Classification(task, 10, hidden_units=(50,)) for task in ("left", "right")],
+    )
+    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss_weights={"left": 1.0, "right": 1.0})
+    model.fit(train, epochs=2, verbose=0)
+    result = model.evaluate(test, return_dict=True, verbose=0)
+    assert result["left_accuracy"] > 0.90 and result["right_accuracy"] > 0.90, result
