@@ -1,9 +1,11 @@
 """The contract every weighting strategy keeps, checked over `kmtl.weighting.names()`.
 
 One parametrized suite, both families: serialization round trip (config and
-state), state stability on random and degenerate inputs (also under XLA), a
-masked task, the one-task case, and a short fit on real MNIST digit + parity
-that improves both tasks and survives a `.keras` save and reload.
+state), state stability on random and degenerate inputs (with and without
+XLA), a masked task, the one-task case, and a short fit on real MNIST
+digit + parity (from `$KMTL_DATA_DIR`) that improves both tasks and survives
+a `.keras` save and reload. Strategy-specific numbers live in each
+strategy's own test file.
 """
 
 import math
@@ -125,32 +127,33 @@ def test_serialization_round_trip_keeps_config_and_state(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_state_stays_finite_on_random_and_degenerate_inputs(name):
+def test_state_stays_finite_with_and_without_xla(name):
+    # Random and degenerate inputs (zero, identical, opposite, huge and tiny
+    # gradients, a zero loss, random masks), in a tf.function with and without
+    # jit_compile; the two agree on the first (random) steps except for
+    # strategies whose random draws come from XLA's own kernels.
     rng = np.random.default_rng(1)
-    strategy = _make(name)
-    fn = _step_fn(strategy, jit_compile=True)
-    kinds = ["random", "zeros", "identical", "opposite", "huge", "tiny", "zero_loss"]
-    for i in range(120):
-        present = rng.random(3) < 0.8 if i % 3 == 0 else None
-        output, weights, _ = _run(fn, strategy, _inputs(rng, 3, present, kinds[i % len(kinds)]), i)
-        assert np.isfinite(output).all(), (i, output)
-        assert np.isfinite(weights).all(), (i, weights)
-        if i % 20 == 19:
-            strategy.on_epoch_end(i // 20)
-    for path, value in _state(strategy).items():
-        assert value.dtype.kind != "f" or np.isfinite(value).all(), path
-
-
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in RANDOM])
-def test_xla_and_graph_steps_agree(name):
-    rng = np.random.default_rng(2)
     graph = _make(name)
     xla = _clone(graph)
     graph_fn, xla_fn = _step_fn(graph, jit_compile=False), _step_fn(xla, jit_compile=True)
-    for i in range(4):
-        inputs = _inputs(rng, 3)
-        for a, b in zip(_run(graph_fn, graph, inputs, i), _run(xla_fn, xla, inputs, i), strict=True):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    kinds = ["random", "zeros", "identical", "opposite", "huge", "tiny", "zero_loss"]
+    for i in range(70):
+        kind = "random" if i < 3 else kinds[i % len(kinds)]
+        present = rng.random(3) < 0.8 if i % 3 == 2 else None
+        inputs = _inputs(rng, 3, present, kind)
+        out_graph = _run(graph_fn, graph, inputs, i)
+        out_xla = _run(xla_fn, xla, inputs, i)
+        for output in out_graph + out_xla:
+            assert np.isfinite(output).all(), (i, kind, output)
+        if i < 3 and name not in RANDOM:
+            for a, b in zip(out_graph, out_xla, strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        if i % 20 == 19:
+            graph.on_epoch_end(i // 20)
+            xla.on_epoch_end(i // 20)
+    for strategy in (graph, xla):
+        for path, value in _state(strategy).items():
+            assert value.dtype.kind != "f" or np.isfinite(value).all(), path
 
 
 @pytest.mark.parametrize("name", NAMES)
