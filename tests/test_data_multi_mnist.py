@@ -186,6 +186,15 @@ def test_cache_round_trip_and_corrupt_cache_recovery(tmp_path, monkeypatch):
         np.testing.assert_array_equal(build(cache_dir=tmp_path).images, built.images)
 
 
+def test_default_cache_lives_under_the_data_root(tmp_path):
+    (tmp_path / "mnist").symlink_to(os.path.join(os.environ["KMTL_DATA_DIR"], "mnist"))
+    mm.clear_memory_cache()
+    arrays = mm.multi_mnist_arrays(SPLIT, data_dir=str(tmp_path))
+    (cache_file,) = (tmp_path / "cache").glob("multi_mnist-sener-mnist-test_600-seed0-*.npz")
+    with np.load(cache_file) as data:
+        np.testing.assert_array_equal(data["images"], arrays.images)
+
+
 def test_unwritable_cache_dir_is_skipped(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a directory")

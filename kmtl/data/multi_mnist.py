@@ -255,8 +255,9 @@ def _resolve_cache_dir(cache_dir, data_dir):
         return None
     if cache_dir is not None:
         return os.fspath(cache_dir)
-    root = data_dir if data_dir is not None else os.environ.get("KMTL_DATA_DIR")
-    return os.path.join(os.fspath(root), "cache") if root else None
+    from kmtl.data.sources import data_dir as resolve_data_dir
+
+    return os.path.join(resolve_data_dir(data_dir), "cache")
 
 
 def _cache_name(recipe, base, split, seed, source) -> str:
@@ -355,9 +356,11 @@ def multi_mnist_arrays(
         seed: seed of the pairing and shifts.
         source: source of the base images, passed to `kmtl.data.load_arrays`.
         data_dir: data root, passed to `kmtl.data.load_arrays`.
-        cache_dir: directory of the `.npz` cache. Default: `<data_dir>/cache`,
-            else `$KMTL_DATA_DIR/cache`; `False` disables the file cache. An
-            unwritable directory is skipped (the in-memory cache remains).
+        cache_dir: directory of the `.npz` cache. Default: `cache/` under the
+            data root (`data_dir`, else `$KMTL_DATA_DIR`, else
+            `~/.kmtl/data`, as `kmtl.data.data_dir`); `False` disables the
+            file cache. An unwritable directory is skipped (the in-memory
+            cache remains).
 
     Returns:
         A `MultiMnistArrays` named tuple (`images` uint8 before
