@@ -211,3 +211,20 @@ def test_unknown_cardinality_works_with_sizes_or_epoch_length():
     }
     assert int(mix(unknown, "uniform", batch_size=4, epoch_length=12).cardinality()) == 3
     assert int(mix(unknown, "proportional", batch_size=4, sizes={"digit": 5}).cardinality()) == 3
+
+
+def test_kmtl_model_fits_the_masked_stream():
+    import kmtl
+    from kmtl import heads, trunks
+
+    model = kmtl.build_model(
+        input_shape=(4, 4, 1),
+        trunk=trunks.dense((8,)),
+        heads=[heads.Classification("digit", 10), heads.Classification("item", 10)],
+    )
+    model.compile(optimizer="adam")
+    stream = mix(two_tasks(), "proportional", batch_size=50, epoch_length=200)
+    history = model.fit(stream, epochs=2, verbose=0).history
+    assert np.all(np.isfinite(history["digit_loss"])) and np.all(np.isfinite(history["item_loss"]))
+    annealed = mix(two_tasks(), "annealed", batch_size=50, epoch_length=200, num_epochs=2)
+    model.fit(annealed, epochs=2, steps_per_epoch=4, verbose=0)
