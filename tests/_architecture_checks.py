@@ -149,11 +149,15 @@ def assert_gradient_level_equals_equal_weighting(make_model, x, y, mode: str = "
     candidate.set_weights(reference.get_weights())
     reference.compile(optimizer=keras.optimizers.SGD(0.5))
     candidate.compile(optimizer=keras.optimizers.SGD(0.5), weighting=OnesFromGram(mode=mode))
-    before = [np.array(w) for w in reference.get_weights()]
+
+    def parts(model):  # the network's weights (the candidate also tracks its strategy's state)
+        return [np.array(w) for part in [model.encoder, *model.decoders.values()] for w in part.get_weights()]
+
+    before = parts(reference)
     reference.train_on_batch(x, y, sample_weight=sample_weight)
     candidate.train_on_batch(x, y, sample_weight=sample_weight)
     moved = False
-    for b, r, c in zip(before, reference.get_weights(), candidate.get_weights()):
+    for b, r, c in zip(before, parts(reference), parts(candidate), strict=True):
         np.testing.assert_allclose(c, r, atol=2e-5, rtol=1e-4)
         moved = moved or not np.allclose(b, r)
     assert moved, "the step changed no weight"

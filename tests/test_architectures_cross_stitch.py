@@ -1,7 +1,5 @@
 import numpy as np
 import pytest
-
-import kmtl
 from _architecture_checks import (
     accuracies,
     assert_gradient_level_equals_equal_weighting,
@@ -13,6 +11,8 @@ from _architecture_checks import (
     digit_parity,
     train,
 )
+
+import kmtl
 from kmtl import heads
 
 

@@ -14,7 +14,7 @@ def round_trip(layer, inputs):
     clone(inputs)
     clone.set_weights(layer.get_weights())
     got = clone(inputs)
-    for a, b in zip(keras.tree.flatten(got), keras.tree.flatten(expected)):
+    for a, b in zip(keras.tree.flatten(got), keras.tree.flatten(expected), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
 

@@ -1,7 +1,5 @@
 import numpy as np
 import pytest
-
-import kmtl
 from _architecture_checks import (
     TRUNK,
     accuracies,
@@ -15,6 +13,8 @@ from _architecture_checks import (
     task_heads,
     train,
 )
+
+import kmtl
 from kmtl import trunks
 
 

@@ -1,6 +1,4 @@
 import pytest
-
-import kmtl
 from _architecture_checks import (
     accuracies,
     assert_gradient_level_equals_equal_weighting,
@@ -13,6 +11,8 @@ from _architecture_checks import (
     task_heads,
     train,
 )
+
+import kmtl
 from kmtl import trunks
 
 

@@ -1,7 +1,5 @@
 import numpy as np
 import pytest
-
-import kmtl
 from _architecture_checks import (
     accuracies,
     assert_gradient_level_equals_equal_weighting,
@@ -14,6 +12,8 @@ from _architecture_checks import (
     task_heads,
     train,
 )
+
+import kmtl
 from kmtl import trunks
 
 
@@ -57,7 +57,7 @@ def test_ple_expert_utilization(trained_ple, data):
     usage = kmtl.architectures.expert_utilization(trained_ple, data[1][0], steps=1)
     labels = kmtl.architectures.expert_labels(trained_ple)
     assert labels["parity"] == ["shared_0", "shared_1", "parity_0"]
-    for task, weights in usage.items():
+    for weights in usage.values():
         assert weights.shape == (3,)
         np.testing.assert_allclose(weights.sum(), 1.0, atol=1e-5)
 

@@ -1,18 +1,17 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-
-import kmtl
 from _architecture_checks import (
-    OnesFromGram,
     TRUNK,
+    OnesFromGram,
     assert_gradient_level_equals_equal_weighting,
     assert_keras_round_trip,
     assert_partition,
-    assert_pcgrad_fit_runs,
     assert_saved_model_matches,
     images_and_labels,
 )
+
+import kmtl
 from kmtl import heads, trunks
 
 ROUTES = {"digit": "digit_image", "item": "item_image"}

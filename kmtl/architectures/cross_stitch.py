@@ -71,7 +71,7 @@ def build_cross_stitch(inputs, trunk, heads, self_weight: float = 0.9) -> Parts:
     for stage in range(len(columns[names[0]])):
         outputs = [columns[t][stage](features[t]) for t in names]
         mixed = CrossStitch(self_weight, name=f"cross_stitch_{stage}")(outputs)
-        features = dict(zip(names, mixed))
+        features = dict(zip(names, mixed, strict=True))
     encoder = keras.Model(inputs, features, name="encoder")
 
     # === Decoders ===
