@@ -124,19 +124,29 @@ def _dict_fn(model, specs):
 
 
 def _task_endpoints(model, specs):
-    """Per-task endpoints for multi-input models that know their routing."""
+    """`serve_<task>` endpoints of task-routed models: one task's input alone."""
     import tensorflow as tf
 
-    routes = getattr(model, "task_inputs", None)
-    if not callable(routes):
+    if getattr(model, "architecture", None) != "task_routed":
         return []
+    from kmtl import architectures
+
     endpoints = []
-    for task, input_names in routes().items():
-        sub = getattr(model, "task_submodel")(task)
+    for task, input_names in architectures.task_inputs(model).items():
+        sub = architectures.task_submodel(model, task)
         sig = [{n: specs[n] for n in input_names}]
-        fn = tf.function(lambda inputs, sub=sub: sub(inputs, training=False), input_signature=sig)
-        endpoints.append((task, fn, sig))
+        endpoints.append((task, _submodel_fn(sub, sig), sig))
     return endpoints
+
+
+def _submodel_fn(sub, signature):
+    import tensorflow as tf
+
+    @tf.function(input_signature=signature)
+    def serve(inputs):
+        return sub(inputs, training=False)
+
+    return serve
 
 
 def _random_batch(specs, size=3):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from typing import Sequence
 
 import keras
@@ -136,19 +137,28 @@ class MultiTaskModel(keras.Model):
         builder = architectures.get(architecture)
 
         # === Functional Model ===
+        head_names = {h.name for h in head_list}
         if multi_input:
-            model_inputs = {k: keras.Input(shape=s, name=k) for k, s in spec.items()}
+            # Decoders are named after their heads, and Keras layer names must
+            # be unique: an input keyed like a head gets the layer name
+            # "<key>_input" (the dict key, used by data and signatures, stays).
+            model_inputs = {
+                k: keras.Input(shape=s, name=f"{k}_input" if k in head_names else k)
+                for k, s in spec.items()
+            }
         else:
             model_inputs = keras.Input(shape=spec["image"], name="image")
-        parts = builder(model_inputs, trunk, head_list, **options)
-        if set(parts.decoders) != {h.name for h in head_list}:
-            raise ValueError(
-                f"Architecture {architecture!r} returned decoders for {sorted(parts.decoders)} "
-                f"but the heads are {[h.name for h in head_list]}."
-            )
-        representation = parts.encoder(model_inputs)
-        outputs = {h.name: parts.decoders[h.name](representation) for h in head_list}
-        super().__init__(inputs=model_inputs, outputs=outputs, name=name, **kwargs)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="When providing `inputs` as a dict")
+            parts = builder(model_inputs, trunk, head_list, **options)
+            if set(parts.decoders) != head_names:
+                raise ValueError(
+                    f"Architecture {architecture!r} returned decoders for {sorted(parts.decoders)} "
+                    f"but the heads are {[h.name for h in head_list]}."
+                )
+            representation = parts.encoder(model_inputs)
+            outputs = {h.name: parts.decoders[h.name](representation) for h in head_list}
+            super().__init__(inputs=model_inputs, outputs=outputs, name=name, **kwargs)
 
         self.encoder = parts.encoder
         self.decoders = dict(parts.decoders)
@@ -345,22 +355,30 @@ class MultiTaskModel(keras.Model):
         return True
 
     def _value_checks(self, y, sample_weight):
-        """Graph assertions that label values fit each head (skipped under XLA)."""
+        """Checks label values in graph and returns targets safe for the losses.
+
+        Labels under a zero sample weight (missing labels) are replaced by a
+        valid value, so that placeholders such as -1 neither fail the checks
+        nor crash a loss kernel; they carry no weight either way. The range
+        assertions are skipped under XLA (`jit_compile=True`).
+        """
         import tensorflow as tf
 
-        if not self.validate_targets or self.jit_compile:
-            return
+        checked = dict(y)
         for name, target in y.items():
             bounds = self.head_map[name].label_range()
             if bounds is None:
                 continue
             low, high, integer = bounds
-            values = tf.cast(target, "float32")
             weight = sample_weight.get(name) if isinstance(sample_weight, dict) else sample_weight
             if weight is not None:
                 weight = tf.reshape(tf.cast(weight, "float32"), [-1])
-                mask = tf.reshape(weight > 0, [-1] + [1] * (len(values.shape) - 1))
-                values = tf.where(mask, values, tf.cast(low, "float32"))
+                mask = tf.reshape(weight > 0, [-1] + [1] * (len(target.shape) - 1))
+                target = tf.where(mask, target, tf.cast(low, target.dtype))
+                checked[name] = target
+            if not self.validate_targets or self.jit_compile:
+                continue
+            values = tf.cast(target, "float32")
             kind = "integers" if integer else "values"
             message = f"Head {name!r}: labels must be {kind} in [{low}, {high}]."
             ok = tf.logical_and(tf.reduce_all(values >= low), tf.reduce_all(values <= high))
@@ -369,6 +387,7 @@ class MultiTaskModel(keras.Model):
             tf.debugging.Assert(
                 ok, [message, "min:", tf.reduce_min(values), "max:", tf.reduce_max(values)]
             )
+        return checked
 
     # --- per-task losses -----------------------------------------------------
     def task_losses(self, y, y_pred, sample_weight):
@@ -417,7 +436,7 @@ class MultiTaskModel(keras.Model):
     def test_step(self, data):
         x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
         y, sample_weight = self._standardize_targets(y, sample_weight)
-        self._value_checks(y, sample_weight)
+        y = self._value_checks(y, sample_weight)
         return super().test_step((x, y, sample_weight) if sample_weight is not None else (x, y))
 
     def reset_metrics(self):

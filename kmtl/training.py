@@ -6,7 +6,8 @@ loss tracker, `optimizer.scale_loss`, apply, `compute_metrics`):
 * static weights (no strategy) and loss-level strategies: one forward, the
   per-task losses, one scalar, one backward;
 * gradient-level strategies in ``"parameters"`` mode: per-task gradients of
-  the shared variables (one backward per task from a single forward pass),
+  the shared variables (one vectorised backward pass, `tape.jacobian` with
+  pfor, from a single forward pass),
   summed over replicas, combined by the strategy; each task's decoder gets
   its own task's gradient;
 * gradient-level strategies in ``"representation"`` mode: per-task gradients
@@ -62,7 +63,7 @@ def train_step(model, data):
     """One training step of a `kmtl.MultiTaskModel` (see the module docstring)."""
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     y, sample_weight = model._standardize_targets(y, sample_weight)
-    model._value_checks(y, sample_weight)
+    y = model._value_checks(y, sample_weight)
     strategy = model.weighting
     if strategy is not None and strategy.level == "gradient":
         y_pred, weights = _gradient_level(model, strategy, x, y, sample_weight)
@@ -142,6 +143,7 @@ def _gradient_level(model, strategy, x, y, sample_weight):
         _track_total(model, x, losses, static)
         weighted = losses * static
         scaled = [model.optimizer.scale_loss(weighted[i]) for i in range(len(names))]
+        scaled_vector = tf.stack(scaled)
         reg = model._regularization_loss()
         if reg is not None:
             reg = model.optimizer.scale_loss(reg)
@@ -157,6 +159,14 @@ def _gradient_level(model, strategy, x, y, sample_weight):
 
     def per_task_gradients():
         sources = flat_rep if representation_mode else shared
+        if not representation_mode:
+            # One vectorised (pfor) backward pass for all tasks: measured 1.4x an
+            # equal-weight step on MultiLeNet, against 3.5x for a loop of
+            # tape.gradient calls (benchmarks/weighting.py).
+            jac = tape.jacobian(scaled_vector, list(sources), experimental_use_pfor=True)
+            stacked = _zeros_for_none(jac, [tf.zeros((len(names),) + tuple(v.shape)) for v in sources])
+            heads = [_zeros_for_none(tape.gradient(scaled[i], task_vars[i]), task_vars[i]) for i in range(len(names))]
+            return stacked, heads
         stacked, heads = [], []
         for i in range(len(names)):
             grads = tape.gradient(scaled[i], list(sources) + task_vars[i])

@@ -62,6 +62,8 @@ class Trunk:
         pool_size: max-pool size after each conv block (1 for none).
         conv_dropout: per-block dropout rates overriding `dropout` for conv
             blocks (used by the LeNet preset).
+        padding: conv padding, "same" (keeps the size before pooling) or
+            "valid" (the LeNet preset, as in the original network).
     """
 
     def __init__(
@@ -75,7 +77,11 @@ class Trunk:
         batch_norm: bool = False,
         pool_size: int = 2,
         conv_dropout: Sequence[float] | None = None,
+        padding: str = "same",
     ):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"`padding` must be 'same' or 'valid'. Received: padding={padding!r}")
+        self.padding = padding
         if kind not in ("dense", "conv"):
             raise ValueError(f"Trunk `kind` must be 'dense' or 'conv'. Received: kind={kind!r}")
         self.kind = kind
@@ -119,7 +125,7 @@ class Trunk:
             zip(self.filters, self.kernel_size, self.conv_dropout)
         ):
             layers = [
-                keras.layers.Conv2D(units, kernel, padding="same", name=f"{name}_conv_{i}")
+                keras.layers.Conv2D(units, kernel, padding=self.padding, name=f"{name}_conv_{i}")
             ]
             if self.batch_norm:
                 layers.append(keras.layers.BatchNormalization(name=f"{name}_bn_{i}"))
@@ -163,6 +169,7 @@ class Trunk:
             "batch_norm": self.batch_norm,
             "pool_size": self.pool_size,
             "conv_dropout": list(self.conv_dropout),
+            "padding": self.padding,
         }
 
     @classmethod
@@ -207,9 +214,10 @@ def conv(
 def lenet() -> Trunk:
     """The MultiLeNet shared encoder of Sener & Koltun (2018).
 
-    conv 10@5x5, max-pool 2, ReLU; conv 20@5x5, dropout 0.5, max-pool 2, ReLU;
-    flatten; Dense 50 + ReLU. (Activation after pooling equals pooling after
-    activation for ReLU and max-pool.)
+    conv 10@5x5 (valid), max-pool 2, ReLU; conv 20@5x5 (valid), dropout 0.5,
+    max-pool 2, ReLU; flatten (320 features for 28x28 inputs); Dense 50 +
+    ReLU. (Activation after pooling equals pooling after activation for ReLU
+    and max-pool.)
 
     References:
         Sener, O. & Koltun, V. (2018). Multi-Task Learning as Multi-Objective
@@ -223,6 +231,7 @@ def lenet() -> Trunk:
         activation="relu",
         conv_dropout=(0.0, 0.5),
         pool_size=2,
+        padding="valid",
     )
 
 
@@ -246,7 +255,7 @@ def get(identifier) -> Trunk:
         config = dict(identifier.get("config", identifier))
         if "kind" in config and config["kind"] in presets and set(config) - {"kind"} <= {
             "filters", "dense_units", "kernel_size", "activation", "dropout",
-            "batch_norm", "pool_size", "units", "conv_dropout",
+            "batch_norm", "pool_size", "units", "conv_dropout", "padding",
         }:
             kind = config.pop("kind")
             if kind == "lenet":

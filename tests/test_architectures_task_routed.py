@@ -128,11 +128,6 @@ def test_routes_let_two_heads_read_one_input():
     assert kmtl.architectures.task_inputs(model) == {"digit": ["image"], "parity": ["image"]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kmtl.MultiTaskModel names its input layers after their keys, which clash with the "
-    "decoders named after the heads; needs model.py to name input layers '<key>_input'",
-)
 def test_default_routes_use_the_head_names():
     model = kmtl.build_model(
         heads=task_heads(), trunk=trunks.dense((8,)), inputs={"digit": (28, 28, 1), "item": (28, 28, 1)},

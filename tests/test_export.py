@@ -72,3 +72,18 @@ def test_keras_file_round_trip_and_atomicity(model, tmp_path, monkeypatch):
     assert path.stat().st_size == size and sorted(os.listdir(tmp_path)) == ["m.keras"]
     with pytest.raises(ValueError, match="must end with '.keras'"):
         kmtl.export.save_keras(model, tmp_path / "m.h5")
+
+
+def test_task_routed_export_serves_each_task_alone(tmp_path):
+    model = kmtl.build_model(heads=[heads.Classification("digit", 10), heads.Classification("item", 10)],
+                             inputs={"digit": (8, 8, 1), "item": (8, 8, 1)}, trunk=trunks.dense((8,)),
+                             architecture="task_routed")
+    model.compile()
+    served = kmtl.export.load(kmtl.export.saved_model(model, tmp_path / "routed"))
+    assert {"serving_default", "serve_digit", "serve_item"} <= set(served.signatures)
+    x = np.random.default_rng(0).random((3, 8, 8, 1)).astype("float32")
+    full = model.predict({"digit": x, "item": 1 - x}, verbose=0)
+    only_digit = served({"digit": x}, signature="serve_digit")
+    assert set(only_digit) == {"digit"}
+    np.testing.assert_allclose(only_digit["digit"], full["digit"], atol=1e-6)
+    np.testing.assert_allclose(served({"item": 1 - x}, signature="serve_item")["item"], full["item"], atol=1e-6)

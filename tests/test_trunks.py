@@ -28,6 +28,9 @@ def test_lenet_is_multilenet():
     drops = [l.rate for b in model.layers[1:] for l in getattr(b, "layers", []) if isinstance(l, keras.layers.Dropout)]
     assert drops == [0.5]
     assert tuple(model.output.shape) == (None, 50)
+    flatten = [l for b in model.layers[1:] for l in getattr(b, "layers", []) if isinstance(l, keras.layers.Flatten)][0]
+    assert tuple(flatten.output.shape) == (None, 320)
+    assert model.count_params() == 260 + 5020 + 320 * 50 + 50
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,10 @@ that creates fresh layers and returns the model split in two:
 
 `supports_representation` says whether every decoder reads the whole
 representation, so that gradient strategies may work on the gradients of the
-representation (MGDA-UB style) instead of the shared parameters.
+representation (MGDA-UB style) instead of the shared parameters. In that
+case no representation tensor may be computed from another one (hand a
+tensor that feeds another to the decoders through a separate copy):
+otherwise a task's representation gradient counts that path twice.
 """
 
 from __future__ import annotations
