@@ -36,10 +36,14 @@ def test_failed_export_keeps_older_model(model, tmp_path, monkeypatch):
     path = kmtl.export.saved_model(model, tmp_path / "served")
     before = sorted(os.listdir(path))
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full")
+    class HalfWritten(keras.export.ExportArchive):
+        def write_out(self, filepath, **kwargs):
+            os.makedirs(filepath)
+            with open(os.path.join(filepath, "saved_model.pb"), "wb") as f:
+                f.write(b"partial")
+            raise OSError("disk full")
 
-    monkeypatch.setattr(keras.export.ExportArchive, "write_out", broken)
+    monkeypatch.setattr(keras.export, "ExportArchive", HalfWritten)
     with pytest.raises(OSError, match="disk full"):
         kmtl.export.saved_model(model, tmp_path / "served")
     assert sorted(os.listdir(path)) == before

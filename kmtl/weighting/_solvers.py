@@ -103,6 +103,8 @@ def frank_wolfe(gradient_fn, step_fn, present, max_iter, tol, init=None):
         gamma = step_fn(w, d, gamma_max)
         w_new = tf.maximum(w + gamma * d, 0.0) * mask
         w_new = w_new / tf.maximum(tf.reduce_sum(w_new), _TINY)
+        # one_hot over a dynamic size loses the static shape; keep w0's.
+        w_new.set_shape(w0.shape)
         return i + 1, w_new, gap_fw
 
     def cond(i, w, gap):
