@@ -36,19 +36,33 @@ def test_failed_export_keeps_older_model(model, tmp_path, monkeypatch):
     path = kmtl.export.saved_model(model, tmp_path / "served")
     before = sorted(os.listdir(path))
 
-    class HalfWritten(keras.export.ExportArchive):
-        def write_out(self, filepath, **kwargs):
-            os.makedirs(filepath)
-            with open(os.path.join(filepath, "saved_model.pb"), "wb") as f:
-                f.write(b"partial")
-            raise OSError("disk full")
+    import tensorflow as tf
 
-    monkeypatch.setattr(keras.export, "ExportArchive", HalfWritten)
+    def half_written(obj, export_dir, *args, **kwargs):
+        os.makedirs(export_dir, exist_ok=True)
+        with open(os.path.join(export_dir, "saved_model.pb"), "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tf.saved_model, "save", half_written)
     with pytest.raises(OSError, match="disk full"):
         kmtl.export.saved_model(model, tmp_path / "served")
     assert sorted(os.listdir(path)) == before
     assert sorted(os.listdir(tmp_path)) == ["served"]  # no temporary leftovers
     kmtl.export.load(path)
+
+
+def test_unverifiable_export_is_not_moved_into_place(model, tmp_path, monkeypatch):
+    path = kmtl.export.saved_model(model, tmp_path / "served")
+    before = sorted(os.listdir(path))
+
+    def mismatch(*args, **kwargs):
+        raise RuntimeError("Exported output 'digit' differs from the model's prediction.")
+
+    monkeypatch.setattr(kmtl.export, "_verify", mismatch)
+    with pytest.raises(RuntimeError, match="differs"):
+        kmtl.export.saved_model(model, tmp_path / "served")
+    assert sorted(os.listdir(path)) == before and sorted(os.listdir(tmp_path)) == ["served"]
 
 
 def test_no_overwrite_and_missing(model, tmp_path):
