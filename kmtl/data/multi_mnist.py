@@ -255,9 +255,9 @@ def _resolve_cache_dir(cache_dir, data_dir):
         return None
     if cache_dir is not None:
         return os.fspath(cache_dir)
-    from kmtl.data.sources import data_dir as resolve_data_dir
-
-    return os.path.join(resolve_data_dir(data_dir), "cache")
+    # Not under the data root: that folder is often shared or read-only, and
+    # caches run to 150 MB.
+    return os.environ.get("KMTL_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "kmtl")
 
 
 def _cache_name(recipe, base, split, seed, source) -> str:
@@ -356,10 +356,9 @@ def multi_mnist_arrays(
         seed: seed of the pairing and shifts.
         source: source of the base images, passed to `kmtl.data.load_arrays`.
         data_dir: data root, passed to `kmtl.data.load_arrays`.
-        cache_dir: directory of the `.npz` cache. Default: `cache/` under the
-            data root (`data_dir`, else `$KMTL_DATA_DIR`, else
-            `~/.kmtl/data`, as `kmtl.data.data_dir`); `False` disables the
-            file cache. An unwritable directory is skipped (the in-memory
+        cache_dir: directory of the `.npz` cache. Default: `$KMTL_CACHE_DIR`,
+            else `~/.cache/kmtl` (not the data root, which may be shared or
+            read-only); `False` disables the file cache. An unwritable directory is skipped (the in-memory
             cache remains).
 
     Returns:
