@@ -35,11 +35,13 @@ def build(architecture, options):
     task_heads = [heads.Classification("digit", 10), heads.Binary("parity")]
     trunk = trunks.conv((32, 64), (128,))
     if architecture == "task_routed":
-        model = kmtl.build_model(heads=task_heads, trunk=trunk, inputs={"image": (28, 28, 1)},
-                                 architecture=architecture, **options)
+        model = kmtl.build_model(
+            heads=task_heads, trunk=trunk, inputs={"image": (28, 28, 1)}, architecture=architecture, **options
+        )
     else:
-        model = kmtl.build_model(heads=task_heads, trunk=trunk, input_shape=(28, 28, 1),
-                                 architecture=architecture, **options)
+        model = kmtl.build_model(
+            heads=task_heads, trunk=trunk, input_shape=(28, 28, 1), architecture=architecture, **options
+        )
     model.compile(optimizer="adam")
     return model
 
@@ -49,8 +51,9 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    batches = kmtl.data.mnist_tasks(["digit", "parity"], split=f"train[:{args.steps * 256}]",
-                                    batch_size=256, shuffle=False).cache()
+    batches = kmtl.data.mnist_tasks(
+        ["digit", "parity"], split=f"train[:{args.steps * 256}]", batch_size=256, shuffle=False
+    ).cache()
     for _ in batches:
         pass
     routed = batches.map(lambda x, y: ({"image": x}, y)).cache()
@@ -72,8 +75,10 @@ def main():
     for name, values in times.items():
         model = models[name]
         shared = sum(int(tf.size(v)) for v in model.shared_variables)
-        print(f"| {name} | {model.count_params():,} | {shared:,} | {1000 * statistics.median(values):.1f} | "
-              f"{1000 * min(values):.1f} | {statistics.median(values) / base:.2f} |")
+        print(
+            f"| {name} | {model.count_params():,} | {shared:,} | {1000 * statistics.median(values):.1f} | "
+            f"{1000 * min(values):.1f} | {statistics.median(values) / base:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ import statistics
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 import kmtl
@@ -39,19 +38,27 @@ def hand_written():
     model = keras.Model(inputs, outputs)
     model.compile(
         optimizer="adam",
-        loss={"digit": keras.losses.SparseCategoricalCrossentropy(), "parity": keras.losses.BinaryCrossentropy(),
-              "value": keras.losses.MeanSquaredError()},
+        loss={
+            "digit": keras.losses.SparseCategoricalCrossentropy(),
+            "parity": keras.losses.BinaryCrossentropy(),
+            "value": keras.losses.MeanSquaredError(),
+        },
         loss_weights=WEIGHTS,
-        metrics={"digit": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-                 "parity": [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
-                 "value": [keras.metrics.MeanAbsoluteError(name="mae")]},
+        metrics={
+            "digit": [keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+            "parity": [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+            "value": [keras.metrics.MeanAbsoluteError(name="mae")],
+        },
     )
     return model
 
 
 def with_kmtl():
-    model = kmtl.build_model(input_shape=(28, 28, 1), trunk=trunks.conv((32, 64), (128,)),
-                             heads=[heads.Classification("digit", 10), heads.Binary("parity"), heads.Regression("value")])
+    model = kmtl.build_model(
+        input_shape=(28, 28, 1),
+        trunk=trunks.conv((32, 64), (128,)),
+        heads=[heads.Classification("digit", 10), heads.Binary("parity"), heads.Regression("value")],
+    )
     model.compile(optimizer="adam", loss_weights=WEIGHTS)
     return model
 
@@ -75,11 +82,13 @@ def main():
             model.fit(data, epochs=1, verbose=0)
             times[name].append((time.perf_counter() - start) / args.steps)
     base = statistics.median(times["keras (by hand)"])
-    print(f"| model | median step (ms) | min step (ms) | ratio to hand-written |")
+    print("| model | median step (ms) | min step (ms) | ratio to hand-written |")
     print("|---|---|---|---|")
     for name, values in times.items():
-        print(f"| {name} | {1000 * statistics.median(values):.1f} | {1000 * min(values):.1f} | "
-              f"{statistics.median(values) / base:.3f} |")
+        print(
+            f"| {name} | {1000 * statistics.median(values):.1f} | {1000 * min(values):.1f} | "
+            f"{statistics.median(values) / base:.3f} |"
+        )
 
 
 if __name__ == "__main__":

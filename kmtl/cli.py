@@ -53,12 +53,16 @@ def _parse_loss_weights(text):
     weights = {}
     for part in str(text).split(","):
         if "=" not in part:
-            raise UsageError(f"--loss-weights takes task=weight pairs like digit=1,parity=0.5. Received: {text!r}")
+            raise UsageError(
+                f"--loss-weights takes task=weight pairs like digit=1,parity=0.5. Received: {text!r}"
+            )
         name, value = part.split("=", 1)
         try:
             weights[name.strip()] = float(value)
         except ValueError:
-            raise UsageError(f"--loss-weights: {value!r} is not a number (task {name!r}). Received: {text!r}") from None
+            raise UsageError(
+                f"--loss-weights: {value!r} is not a number (task {name!r}). Received: {text!r}"
+            ) from None
     return weights
 
 
@@ -68,7 +72,9 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a multi-task model and save it")
     train.add_argument("--config", help="JSON file with any of the options below (flags override it)")
-    train.add_argument("--dataset", choices=["digits", "mnist", "fashion_mnist"], help="default: digits (embedded, offline)")
+    train.add_argument(
+        "--dataset", choices=["digits", "mnist", "fashion_mnist"], help="default: digits (embedded, offline)"
+    )
     train.add_argument("--tasks", help="comma-separated task names (default depends on the dataset)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch-size", dest="batch_size", type=int)
@@ -83,7 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--source", choices=["auto", "local", "tfds"])
     train.add_argument("--data-dir", dest="data_dir", help="default: $KMTL_DATA_DIR")
     train.add_argument("--seed", type=int)
-    train.add_argument("--train-limit", dest="train_limit", type=int, help="use only the first N training examples")
+    train.add_argument(
+        "--train-limit", dest="train_limit", type=int, help="use only the first N training examples"
+    )
     train.add_argument("--verbose", type=int, choices=[0, 1, 2])
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved .keras model per task")
@@ -125,7 +133,9 @@ def _train_options(args) -> dict:
     options["loss_weights"] = _parse_loss_weights(options["loss_weights"])
     for key in ("epochs", "batch_size"):
         if not isinstance(options[key], int) or options[key] < 1:
-            raise UsageError(f"--{key.replace('_', '-')} must be a positive integer. Received: {options[key]!r}")
+            raise UsageError(
+                f"--{key.replace('_', '-')} must be a positive integer. Received: {options[key]!r}"
+            )
     return options
 
 
@@ -142,8 +152,12 @@ def _build(options, data):
     else:
         trunk = trunks.get(trunk)
     heads = data.task_heads(options["dataset"], options["tasks"])
-    model = kmtl.build_model(heads=heads, trunk=trunk, input_shape=shape, architecture=options["architecture"])
-    optimizer = keras.optimizers.get({"class_name": options["optimizer"], "config": {"learning_rate": options["learning_rate"]}})
+    model = kmtl.build_model(
+        heads=heads, trunk=trunk, input_shape=shape, architecture=options["architecture"]
+    )
+    optimizer = keras.optimizers.get(
+        {"class_name": options["optimizer"], "config": {"learning_rate": options["learning_rate"]}}
+    )
     model.compile(optimizer=optimizer, loss_weights=options["loss_weights"], weighting=options["weighting"])
     return model
 
@@ -157,14 +171,22 @@ def _train(options) -> int:
     keras.utils.set_random_seed(options["seed"])
     common = dict(source=options["source"], data_dir=options["data_dir"])
     split = "train" if not options["train_limit"] else f"train[:{int(options['train_limit'])}]"
-    train = data.task_dataset(options["dataset"], options["tasks"], split=split,
-                              batch_size=options["batch_size"], seed=options["seed"], **common)
+    train = data.task_dataset(
+        options["dataset"],
+        options["tasks"],
+        split=split,
+        batch_size=options["batch_size"],
+        seed=options["seed"],
+        **common,
+    )
     test = data.task_dataset(options["dataset"], options["tasks"], split="test", batch_size=512, **common)
     model = _build(options, data)
     run_name = options["run_name"] or f"{options['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(options["out"]) / run_name
-    print(f"kmtl: training {options['architecture']} on {options['dataset']} tasks "
-          f"{options['tasks']} for {options['epochs']} epochs -> {run_dir}")
+    print(
+        f"kmtl: training {options['architecture']} on {options['dataset']} tasks "
+        f"{options['tasks']} for {options['epochs']} epochs -> {run_dir}"
+    )
     verbose = options["verbose"]
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
@@ -183,7 +205,9 @@ def _train(options) -> int:
     matplotlib.use("Agg")
     fig = plots.plot_history(history)
     fig.savefig(run_dir / "curves.png", dpi=100)
-    print(f"kmtl: wrote {run_dir}/ (saved_model/, model.keras, history.json, metrics.json, metrics.md, curves.png)")
+    print(
+        f"kmtl: wrote {run_dir}/ (saved_model/, model.keras, history.json, metrics.json, metrics.md, curves.png)"
+    )
     return 0
 
 
@@ -199,8 +223,14 @@ def _evaluate(args) -> int:
 
     model = export.load_keras(args.model)
     tasks = [t for t in model.task_names]
-    test = data.task_dataset(args.dataset, tasks, split=args.split, batch_size=args.batch_size,
-                             source=args.source, data_dir=args.data_dir)
+    test = data.task_dataset(
+        args.dataset,
+        tasks,
+        split=args.split,
+        batch_size=args.batch_size,
+        source=args.source,
+        data_dir=args.data_dir,
+    )
     print(kmtl.evaluate(model, test))
     return 0
 

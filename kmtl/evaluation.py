@@ -103,10 +103,10 @@ def report_from_logs(logs: dict, task_names, prefix: str = "") -> Report:
         if prefix:
             if not key.startswith(prefix):
                 continue
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
         for task in ordered:
             if key.startswith(task + "_"):
-                metric = key[len(task) + 1:]
+                metric = key[len(task) + 1 :]
                 if not metric.startswith("weight"):
                     tasks[task][metric] = float(value)
                 break

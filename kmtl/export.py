@@ -86,7 +86,6 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
         FileExistsError: if `path` exists and `overwrite` is False.
         RuntimeError: if the written model does not reproduce `model`.
     """
-    import tensorflow as tf
 
     path = Path(path)
     if path.exists() and not overwrite:
@@ -99,7 +98,7 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
         specs = _signature_specs(model)
         if isinstance(specs, dict):
             archive.add_endpoint("serve", _dict_fn(model, specs))
-            for task, fn, sig in _task_endpoints(model, specs):
+            for task, fn in _task_endpoints(model, specs):
                 archive.add_endpoint(f"serve_{task}", fn)
         else:
             archive.add_endpoint("serve", lambda image: model(image, training=False), input_signature=[specs])
@@ -125,7 +124,6 @@ def _dict_fn(model, specs):
 
 def _task_endpoints(model, specs):
     """`serve_<task>` endpoints of task-routed models: one task's input alone."""
-    import tensorflow as tf
 
     if getattr(model, "architecture", None) != "task_routed":
         return []
@@ -135,7 +133,7 @@ def _task_endpoints(model, specs):
     for task, input_names in architectures.task_inputs(model).items():
         sub = architectures.task_submodel(model, task)
         sig = [{n: specs[n] for n in input_names}]
-        endpoints.append((task, _submodel_fn(sub, sig), sig))
+        endpoints.append((task, _submodel_fn(sub, sig)))
     return endpoints
 
 
@@ -202,9 +200,14 @@ class ServedModel:
         if not isinstance(inputs, dict):
             names = sorted(fn.structured_input_signature[1])
             if len(names) != 1:
-                raise ValueError(f"This signature takes a dict with keys {names}. Received: {type(inputs).__name__}")
+                raise ValueError(
+                    f"This signature takes a dict with keys {names}. Received: {type(inputs).__name__}"
+                )
             inputs = {names[0]: inputs}
-        tensors = {k: tf.convert_to_tensor(v, dtype=fn.structured_input_signature[1][k].dtype) for k, v in inputs.items()}
+        tensors = {
+            k: tf.convert_to_tensor(v, dtype=fn.structured_input_signature[1][k].dtype)
+            for k, v in inputs.items()
+        }
         return {k: v.numpy() for k, v in fn(**tensors).items()}
 
 

@@ -32,8 +32,7 @@ def _check_name(name) -> str:
 def _check_positive_int(value, argument: str, head: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
-            f"Head {head!r}: `{argument}` must be a positive integer. "
-            f"Received: {argument}={value!r}"
+            f"Head {head!r}: `{argument}` must be a positive integer. Received: {argument}={value!r}"
         )
     return value
 
@@ -61,14 +60,10 @@ class Head:
         dropout: float = 0.0,
     ):
         self.name = _check_name(name)
-        self.hidden_units = tuple(
-            _check_positive_int(u, "hidden_units", name) for u in hidden_units
-        )
+        self.hidden_units = tuple(_check_positive_int(u, "hidden_units", name) for u in hidden_units)
         self.activation = activation
         if not 0.0 <= float(dropout) < 1.0:
-            raise ValueError(
-                f"Head {name!r}: `dropout` must be in [0, 1). Received: dropout={dropout!r}"
-            )
+            raise ValueError(f"Head {name!r}: `dropout` must be in [0, 1). Received: dropout={dropout!r}")
         self.dropout = float(dropout)
 
     # --- layers ------------------------------------------------------------
@@ -81,9 +76,7 @@ class Head:
         if len(x.shape) > 2:
             x = keras.layers.Flatten(name=f"{self.name}_flatten")(x)
         for i, units in enumerate(self.hidden_units):
-            x = keras.layers.Dense(
-                units, activation=self.activation, name=f"{self.name}_hidden_{i}"
-            )(x)
+            x = keras.layers.Dense(units, activation=self.activation, name=f"{self.name}_hidden_{i}")(x)
             if self.dropout:
                 x = keras.layers.Dropout(self.dropout, name=f"{self.name}_dropout_{i}")(x)
         return keras.layers.Dense(
@@ -125,8 +118,7 @@ class Head:
         dtype = keras.backend.standardize_dtype(dtype)
         if dtype in ("string", "bool") or dtype.startswith("complex"):
             raise ValueError(
-                f"Head {self.name!r} ({self.kind}) expects numeric targets. "
-                f"Received: dtype={dtype}"
+                f"Head {self.name!r} ({self.kind}) expects numeric targets. Received: dtype={dtype}"
             )
 
     # --- config ------------------------------------------------------------
@@ -206,9 +198,7 @@ class Binary(Head):
         return "sigmoid"
 
     def loss(self):
-        return keras.losses.BinaryCrossentropy(
-            reduction="mean_with_sample_weight", name=f"{self.name}_loss"
-        )
+        return keras.losses.BinaryCrossentropy(reduction="mean_with_sample_weight", name=f"{self.name}_loss")
 
     def metrics(self):
         return [keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")]
@@ -236,9 +226,7 @@ class MultiLabel(Head):
         return "sigmoid"
 
     def loss(self):
-        return keras.losses.BinaryCrossentropy(
-            reduction="mean_with_sample_weight", name=f"{self.name}_loss"
-        )
+        return keras.losses.BinaryCrossentropy(reduction="mean_with_sample_weight", name=f"{self.name}_loss")
 
     def metrics(self):
         return [
@@ -274,9 +262,7 @@ class Regression(Head):
         return None
 
     def loss(self):
-        return keras.losses.MeanSquaredError(
-            reduction="mean_with_sample_weight", name=f"{self.name}_loss"
-        )
+        return keras.losses.MeanSquaredError(reduction="mean_with_sample_weight", name=f"{self.name}_loss")
 
     def metrics(self):
         return [keras.metrics.MeanAbsoluteError(name="mae")]
@@ -314,8 +300,7 @@ def get(identifier) -> Head:
             kind = config.pop("kind")
             if kind not in _KINDS:
                 raise ValueError(
-                    f"Unknown head kind {kind!r}. Known kinds: {', '.join(_KINDS)}. "
-                    f"Received: kind={kind!r}"
+                    f"Unknown head kind {kind!r}. Known kinds: {', '.join(_KINDS)}. Received: kind={kind!r}"
                 )
             return _KINDS[kind](**config)
         if "class_name" in identifier:

@@ -38,7 +38,9 @@ def _label_errors(model):
         if not isinstance(error, tf.errors.InvalidArgumentError):
             raise
         text = str(error).replace("\\'", "'")
-        match = re.search(r"assertion failed: \[(Head .*?\.)\] \[min:\] \[([^\]]*)\] \[max:\] \[([^\]]*)\]", text)
+        match = re.search(
+            r"assertion failed: \[(Head .*?\.)\] \[min:\] \[([^\]]*)\] \[max:\] \[([^\]]*)\]", text
+        )
         if match is None:
             raise
         raise ValueError(
@@ -143,8 +145,7 @@ class MultiTaskModel(keras.Model):
             # be unique: an input keyed like a head gets the layer name
             # "<key>_input" (the dict key, used by data and signatures, stays).
             model_inputs = {
-                k: keras.Input(shape=s, name=f"{k}_input" if k in head_names else k)
-                for k, s in spec.items()
+                k: keras.Input(shape=s, name=f"{k}_input" if k in head_names else k) for k, s in spec.items()
             }
         else:
             model_inputs = keras.Input(shape=spec["image"], name="image")
@@ -245,8 +246,7 @@ class MultiTaskModel(keras.Model):
             for name, value in loss_weights.items():
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
                     raise ValueError(
-                        f"Loss weight of head {name!r} must be a non-negative number. "
-                        f"Received: {value!r}"
+                        f"Loss weight of head {name!r} must be a non-negative number. Received: {value!r}"
                     )
             loss_weights = {k: float(v) for k, v in loss_weights.items() if loss.get(k) is not None}
         if all(loss[n] is None for n in names):
@@ -260,12 +260,9 @@ class MultiTaskModel(keras.Model):
                 )
             if kwargs.get("jit_compile") and not getattr(strategy, "jit_safe", True):
                 raise ValueError(
-                    f"{type(strategy).__name__} cannot run with jit_compile=True. "
-                    "Received: jit_compile=True"
+                    f"{type(strategy).__name__} cannot run with jit_compile=True. Received: jit_compile=True"
                 )
-        super().compile(
-            optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics, **kwargs
-        )
+        super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics, **kwargs)
         if strategy is not None and not strategy.built:
             strategy.build([n for n in names if loss[n] is not None])
         self._kmtl_weighting = strategy
@@ -326,8 +323,7 @@ class MultiTaskModel(keras.Model):
         unknown = sorted(set(y) - set(names))
         if unknown:
             raise ValueError(
-                f"Target key(s) {unknown} match no head. Heads: {names}. "
-                f"Received target keys: {sorted(y)}"
+                f"Target key(s) {unknown} match no head. Heads: {names}. Received target keys: {sorted(y)}"
             )
         missing = [n for n in trained if n not in y]
         if missing:
@@ -340,9 +336,7 @@ class MultiTaskModel(keras.Model):
         if isinstance(sample_weight, dict):
             unknown = sorted(set(sample_weight) - set(names))
             if unknown:
-                raise ValueError(
-                    f"Sample-weight key(s) {unknown} match no head. Heads: {names}."
-                )
+                raise ValueError(f"Sample-weight key(s) {unknown} match no head. Heads: {names}.")
         for name in y:
             head = self.head_map[name]
             head.check_target_spec(tuple(y[name].shape), y[name].dtype)
@@ -384,9 +378,7 @@ class MultiTaskModel(keras.Model):
             ok = tf.logical_and(tf.reduce_all(values >= low), tf.reduce_all(values <= high))
             if integer:
                 ok = tf.logical_and(ok, tf.reduce_all(tf.equal(values, tf.round(values))))
-            tf.debugging.Assert(
-                ok, [message, "min:", tf.reduce_min(values), "max:", tf.reduce_max(values)]
-            )
+            tf.debugging.Assert(ok, [message, "min:", tf.reduce_min(values), "max:", tf.reduce_max(values)])
         return checked
 
     # --- per-task losses -----------------------------------------------------
@@ -558,7 +550,9 @@ def compile_model(model: keras.Model, heads: Sequence, loss_weights=None, weight
     model.compile(
         loss={h.name: h.loss() for h in head_list},
         metrics={h.name: h.metrics() for h in head_list},
-        loss_weights=None if loss_weights is None else {h.name: float(loss_weights.get(h.name, 1.0)) for h in head_list},
+        loss_weights=None
+        if loss_weights is None
+        else {h.name: float(loss_weights.get(h.name, 1.0)) for h in head_list},
         **kwargs,
     )
     return model

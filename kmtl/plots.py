@@ -8,10 +8,7 @@ from collections.abc import Mapping
 def _history_dict(history) -> dict:
     logs = getattr(history, "history", history)
     if not isinstance(logs, Mapping):
-        raise ValueError(
-            "Expected a keras History or a dict of lists. "
-            f"Received: {type(history).__name__}"
-        )
+        raise ValueError(f"Expected a keras History or a dict of lists. Received: {type(history).__name__}")
     return dict(logs)
 
 
@@ -54,7 +51,9 @@ def plot_history(history, metrics=("loss", "accuracy"), tasks=None, figsize=None
             epochs = range(1, len(values) + 1)
             ax.plot(epochs, values, color=color, label=f"{task}")
             if f"val_{task}_{metric}" in logs:
-                ax.plot(epochs, logs[f"val_{task}_{metric}"], color=color, linestyle="--", label=f"{task} (val)")
+                ax.plot(
+                    epochs, logs[f"val_{task}_{metric}"], color=color, linestyle="--", label=f"{task} (val)"
+                )
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
         ax.set_title(f"per-task {metric}")
@@ -78,7 +77,7 @@ def plot_task_weights(history, figsize=(5, 3.5)):
         raise ValueError(f"The history has no task weights (weight_<task>). Keys: {sorted(logs)}")
     fig, ax = plt.subplots(figsize=figsize)
     for key in keys:
-        ax.plot(range(1, len(logs[key]) + 1), logs[key], marker="o", label=key[len("weight_"):])
+        ax.plot(range(1, len(logs[key]) + 1), logs[key], marker="o", label=key[len("weight_") :])
     ax.set_xlabel("epoch")
     ax.set_ylabel("task weight")
     ax.set_title("task weights")

@@ -165,14 +165,17 @@ def _gradient_level(model, strategy, x, y, sample_weight):
             # tape.gradient calls (benchmarks/weighting.py).
             jac = tape.jacobian(scaled_vector, list(sources), experimental_use_pfor=True)
             stacked = _zeros_for_none(jac, [tf.zeros((len(names),) + tuple(v.shape)) for v in sources])
-            heads = [_zeros_for_none(tape.gradient(scaled[i], task_vars[i]), task_vars[i]) for i in range(len(names))]
+            heads = [
+                _zeros_for_none(tape.gradient(scaled[i], task_vars[i]), task_vars[i])
+                for i in range(len(names))
+            ]
             return stacked, heads
         stacked, heads = [], []
         for i in range(len(names)):
             grads = tape.gradient(scaled[i], list(sources) + task_vars[i])
             grads = _zeros_for_none(grads, list(sources) + task_vars[i])
             stacked.append(grads[: len(sources)])
-            heads.append(grads[len(sources):])
+            heads.append(grads[len(sources) :])
         stacked = [tf.stack(parts) for parts in zip(*stacked)]
         return stacked, heads
 
@@ -181,7 +184,12 @@ def _gradient_level(model, strategy, x, y, sample_weight):
         if representation_mode:
             if strategy.gram_based:
                 num = len(names)
-                gram = tf.add_n([tf.matmul(tf.reshape(g, (num, -1)), tf.reshape(g, (num, -1)), transpose_b=True) for g in stacked])
+                gram = tf.add_n(
+                    [
+                        tf.matmul(tf.reshape(g, (num, -1)), tf.reshape(g, (num, -1)), transpose_b=True)
+                        for g in stacked
+                    ]
+                )
                 with tf.control_dependencies([summed]):
                     gram = _sum_over_replicas(gram)
                 alpha = strategy.weights_from_gram(gram, synced_losses, present, step)
@@ -218,7 +226,6 @@ def _gradient_level(model, strategy, x, y, sample_weight):
     if reg is not None:
         reg_grads = _zeros_for_none(tape.gradient(reg, variables), variables)
         grads = [g + r for g, r in zip(grads, reg_grads)]
-    del tape
     finite = tf.reduce_all(tf.math.is_finite(losses))
     after = [summed] + strategy.pop_collective_outputs()
     model.optimizer.apply(_guard(grads, finite, after), variables)

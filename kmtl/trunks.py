@@ -121,12 +121,8 @@ class Trunk:
         flattens its input).
         """
         blocks = []
-        for i, (units, kernel, rate) in enumerate(
-            zip(self.filters, self.kernel_size, self.conv_dropout)
-        ):
-            layers = [
-                keras.layers.Conv2D(units, kernel, padding=self.padding, name=f"{name}_conv_{i}")
-            ]
+        for i, (units, kernel, rate) in enumerate(zip(self.filters, self.kernel_size, self.conv_dropout)):
+            layers = [keras.layers.Conv2D(units, kernel, padding=self.padding, name=f"{name}_conv_{i}")]
             if self.batch_norm:
                 layers.append(keras.layers.BatchNormalization(name=f"{name}_bn_{i}"))
             layers.append(keras.layers.Activation(self.activation, name=f"{name}_act_{i}"))
@@ -139,9 +135,7 @@ class Trunk:
             layers = []
             if i == 0:
                 layers.append(keras.layers.Flatten(name=f"{name}_flatten"))
-            layers.append(
-                keras.layers.Dense(units, activation=self.activation, name=f"{name}_dense_{i}")
-            )
+            layers.append(keras.layers.Dense(units, activation=self.activation, name=f"{name}_dense_{i}"))
             if self.dropout:
                 layers.append(keras.layers.Dropout(self.dropout, name=f"{name}_dense_dropout_{i}"))
             blocks.append(keras.Sequential(layers, name=f"{name}_dense_block_{i}"))
@@ -253,10 +247,23 @@ def get(identifier) -> Trunk:
         return presets[identifier]()
     if isinstance(identifier, dict):
         config = dict(identifier.get("config", identifier))
-        if "kind" in config and config["kind"] in presets and set(config) - {"kind"} <= {
-            "filters", "dense_units", "kernel_size", "activation", "dropout",
-            "batch_norm", "pool_size", "units", "conv_dropout", "padding",
-        }:
+        if (
+            "kind" in config
+            and config["kind"] in presets
+            and set(config) - {"kind"}
+            <= {
+                "filters",
+                "dense_units",
+                "kernel_size",
+                "activation",
+                "dropout",
+                "batch_norm",
+                "pool_size",
+                "units",
+                "conv_dropout",
+                "padding",
+            }
+        ):
             kind = config.pop("kind")
             if kind == "lenet":
                 return lenet()

@@ -142,7 +142,9 @@ class OnesFromGram(Weighting):
         return keras.ops.ones((keras.ops.shape(gram)[0],), "float32")
 
 
-def assert_gradient_level_equals_equal_weighting(make_model, x, y, mode: str = "parameters", sample_weight=None):
+def assert_gradient_level_equals_equal_weighting(
+    make_model, x, y, mode: str = "parameters", sample_weight=None
+):
     """One SGD step with `OnesFromGram` equals one step with static equal weights."""
     reference = make_model()
     candidate = make_model()

@@ -37,14 +37,18 @@ def test_columns_and_units_are_shared_heads_are_not(trained):
     shared = {v.path for v in trained.shared_variables}
     assert any(p.startswith("digit_column") for p in shared)
     assert any(p.startswith("parity_column") for p in shared)
-    assert {p for p in shared if p.startswith("cross_stitch")} == {f"cross_stitch_{i}/alpha" for i in range(3)}
+    assert {p for p in shared if p.startswith("cross_stitch")} == {
+        f"cross_stitch_{i}/alpha" for i in range(3)
+    }
     assert all(v.path.startswith("digit_") for v in trained.task_variables["digit"])
     assert not trained.supports_representation
 
 
 def test_units_start_near_identity_and_learn():
     model = build("cross_stitch", self_weight=0.8)
-    np.testing.assert_allclose(model.encoder.get_layer("cross_stitch_0").alpha.numpy(), [[0.8, 0.2], [0.2, 0.8]])
+    np.testing.assert_allclose(
+        model.encoder.get_layer("cross_stitch_0").alpha.numpy(), [[0.8, 0.2], [0.2, 0.8]]
+    )
 
 
 def test_trained_units_moved(trained):

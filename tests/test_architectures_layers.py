@@ -56,7 +56,9 @@ def test_cross_stitch_starts_near_identity_and_mixes():
     xs = [rng.normal(size=(4, 6)).astype("float32") for _ in range(3)]
     unit = CrossStitch(0.8)
     outputs = unit(xs)
-    np.testing.assert_allclose(unit.alpha.numpy(), [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]], atol=1e-7)
+    np.testing.assert_allclose(
+        unit.alpha.numpy(), [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8]], atol=1e-7
+    )
     np.testing.assert_allclose(np.asarray(outputs[1]), 0.1 * xs[0] + 0.8 * xs[1] + 0.1 * xs[2], atol=1e-6)
     round_trip(CrossStitch(0.7), xs)
 
@@ -96,8 +98,19 @@ def test_options_lists_builder_defaults():
     import kmtl
 
     assert kmtl.architectures.options("ple") == {
-        "num_levels": 2, "num_shared_experts": 2, "num_task_experts": 1, "gate_input": "input"
+        "num_levels": 2,
+        "num_shared_experts": 2,
+        "num_task_experts": 1,
+        "gate_input": "input",
     }
-    assert set(kmtl.architectures.names()) >= {"hard_sharing", "mmoe", "cgc", "ple", "cross_stitch", "mtan", "task_routed"}
+    assert set(kmtl.architectures.names()) >= {
+        "hard_sharing",
+        "mmoe",
+        "cgc",
+        "ple",
+        "cross_stitch",
+        "mtan",
+        "task_routed",
+    }
     with pytest.raises(ValueError, match="Unknown architecture"):
         kmtl.architectures.get("moe")

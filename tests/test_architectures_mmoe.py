@@ -115,8 +115,11 @@ def test_bad_options_are_clear_errors(options, message):
 def test_stem_needs_two_trunk_stages():
     with pytest.raises(ValueError, match="at least one more stage"):
         kmtl.build_model(
-            heads=task_heads(), trunk=trunks.dense((16,)), input_shape=(28, 28, 1),
-            architecture="mmoe", gate_input="stem",
+            heads=task_heads(),
+            trunk=trunks.dense((16,)),
+            input_shape=(28, 28, 1),
+            architecture="mmoe",
+            gate_input="stem",
         )
 
 

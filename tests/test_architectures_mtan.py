@@ -64,7 +64,9 @@ def test_pcgrad_fit_runs(data):
 
 def test_dense_trunk_is_a_clear_error():
     with pytest.raises(ValueError, match="needs a conv trunk") as info:
-        kmtl.build_model(heads=task_heads(), trunk=trunks.dense((16,)), input_shape=(28, 28, 1), architecture="mtan")
+        kmtl.build_model(
+            heads=task_heads(), trunk=trunks.dense((16,)), input_shape=(28, 28, 1), architecture="mtan"
+        )
     assert "Received: trunk=" in str(info.value)
 
 

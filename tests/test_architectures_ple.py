@@ -121,6 +121,9 @@ def test_bad_options_are_clear_errors(architecture, options, message):
 def test_dict_inputs_are_refused():
     with pytest.raises(ValueError, match="task_routed"):
         kmtl.build_model(
-            heads=task_heads(), trunk=trunks.dense((8,)), inputs={"a": (4,), "b": (4,)}, architecture="ple",
+            heads=task_heads(),
+            trunk=trunks.dense((8,)),
+            inputs={"a": (4,), "b": (4,)},
+            architecture="ple",
             num_levels=1,
         )

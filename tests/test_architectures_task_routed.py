@@ -44,7 +44,9 @@ def arrays():
 def routed_stream(arrays, batch_size=64):
     """Mixed batches `({input: x}, {task: y}, {task: mask})` from kmtl.data.mix(routed=True)."""
     datasets = {
-        task: tf.data.Dataset.from_tensor_slices((arrays[task][0], {task: arrays[task][1]})).shuffle(2000, seed=0)
+        task: tf.data.Dataset.from_tensor_slices((arrays[task][0], {task: arrays[task][1]})).shuffle(
+            2000, seed=0
+        )
         for task in ("digit", "item")
     }
     mixed = kmtl.data.mix(datasets, sampler="uniform", batch_size=batch_size, routed=True)
@@ -84,7 +86,9 @@ def test_task_submodel_takes_one_input_and_matches_the_model(trained, arrays):
     for task in ("digit", "item"):
         sub = kmtl.architectures.task_submodel(trained, task)
         assert list(sub.input) == [ROUTES[task]]
-        np.testing.assert_allclose(sub.predict({ROUTES[task]: x[ROUTES[task]]}, verbose=0)[task], full[task], atol=1e-6)
+        np.testing.assert_allclose(
+            sub.predict({ROUTES[task]: x[ROUTES[task]]}, verbose=0)[task], full[task], atol=1e-6
+        )
 
 
 def test_round_trips_and_exports(trained, arrays, tmp_path):
@@ -121,7 +125,9 @@ def test_pcgrad_fit_runs(arrays):
 def test_routes_let_two_heads_read_one_input():
     model = kmtl.build_model(
         heads=[heads.Classification("digit", 10), heads.Binary("parity")],
-        inputs={"image": (8, 8, 1)}, trunk=trunks.dense((8,)), architecture="task_routed",
+        inputs={"image": (8, 8, 1)},
+        trunk=trunks.dense((8,)),
+        architecture="task_routed",
         routes={"digit": "image", "parity": "image"},
     )
     assert sorted(model.encoder.output) == ["image"]
@@ -130,7 +136,9 @@ def test_routes_let_two_heads_read_one_input():
 
 def test_default_routes_use_the_head_names():
     model = kmtl.build_model(
-        heads=task_heads(), trunk=trunks.dense((8,)), inputs={"digit": (28, 28, 1), "item": (28, 28, 1)},
+        heads=task_heads(),
+        trunk=trunks.dense((8,)),
+        inputs={"digit": (28, 28, 1), "item": (28, 28, 1)},
         architecture="task_routed",
     )
     assert kmtl.architectures.task_inputs(model) == {"digit": ["digit"], "item": ["item"]}
@@ -149,7 +157,9 @@ def test_default_routes_use_the_head_names():
 )
 def test_bad_routing_is_a_clear_error(inputs, options, message):
     with pytest.raises(ValueError, match=message) as info:
-        kmtl.build_model(heads=task_heads(), trunk=trunks.dense((8,)), inputs=inputs, architecture="task_routed", **options)
+        kmtl.build_model(
+            heads=task_heads(), trunk=trunks.dense((8,)), inputs=inputs, architecture="task_routed", **options
+        )
     assert "Received" in str(info.value)
 
 

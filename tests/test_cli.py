@@ -11,7 +11,15 @@ def test_default_train_on_embedded_digits(tmp_path, capsys):
     code = cli.main(["train", "--out", str(tmp_path), "--run-name", "run", "--epochs", "3", "--verbose", "0"])
     assert code == 0
     run = tmp_path / "run"
-    for name in ("saved_model", "model.keras", "history.json", "metrics.json", "metrics.md", "curves.png", "config.json"):
+    for name in (
+        "saved_model",
+        "model.keras",
+        "history.json",
+        "metrics.json",
+        "metrics.md",
+        "curves.png",
+        "config.json",
+    ):
         assert (run / name).exists(), name
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["digit"]["accuracy"] > 0.5 and metrics["parity"]["accuracy"] > 0.6
@@ -51,5 +59,7 @@ def test_config_file(tmp_path, capsys):
 
 
 def test_console_script_help():
-    result = subprocess.run([sys.executable, "-m", "kmtl.cli", "--help"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "kmtl.cli", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0 and "train" in result.stdout

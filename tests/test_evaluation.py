@@ -8,7 +8,13 @@ from kmtl.evaluation import Report, delta_m, report_from_logs
 
 
 def test_report_from_logs_splits_by_longest_task_name():
-    logs = {"loss": 1.0, "digit_loss": 0.5, "digit_accuracy": 0.9, "digit_group_loss": 0.2, "weight_digit": 1.0}
+    logs = {
+        "loss": 1.0,
+        "digit_loss": 0.5,
+        "digit_accuracy": 0.9,
+        "digit_group_loss": 0.2,
+        "weight_digit": 1.0,
+    }
     report = report_from_logs(logs, ["digit", "digit_group"])
     assert report["digit"] == {"loss": 0.5, "accuracy": 0.9}
     assert report["digit_group"] == {"loss": 0.2}
@@ -20,16 +26,23 @@ def test_report_from_logs_splits_by_longest_task_name():
 
 
 def test_evaluate_returns_per_task_table():
-    model = kmtl.build_model(heads=[heads.Classification("digit", 3), heads.Regression("value")],
-                             trunk=trunks.dense((4,)), input_shape=(2,))
+    model = kmtl.build_model(
+        heads=[heads.Classification("digit", 3), heads.Regression("value")],
+        trunk=trunks.dense((4,)),
+        input_shape=(2,),
+    )
     model.compile()
     x = np.zeros((8, 2), "float32")
-    ds = tf.data.Dataset.from_tensor_slices((x, {"digit": np.zeros(8, "int32"), "value": np.ones(8, "float32")})).batch(4)
+    ds = tf.data.Dataset.from_tensor_slices(
+        (x, {"digit": np.zeros(8, "int32"), "value": np.ones(8, "float32")})
+    ).batch(4)
     report = kmtl.evaluate(model, ds)
     assert set(report) == {"digit", "value"} and "accuracy" in report["digit"] and "mae" in report["value"]
     assert "digit" in str(report)
     with pytest.raises(ValueError, match="compiled"):
-        kmtl.evaluate(kmtl.build_model(heads=[heads.Binary("b")], trunk=trunks.dense((2,)), input_shape=(2,)), ds)
+        kmtl.evaluate(
+            kmtl.build_model(heads=[heads.Binary("b")], trunk=trunks.dense((2,)), input_shape=(2,)), ds
+        )
 
 
 def test_delta_m_hand_computed():

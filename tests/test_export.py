@@ -11,8 +11,11 @@ from kmtl import heads, trunks
 @pytest.fixture(scope="module")
 def model():
     keras.utils.set_random_seed(0)
-    m = kmtl.build_model(heads=[heads.Classification("digit", 10), heads.Binary("parity"), heads.Regression("value")],
-                         trunk=trunks.conv((4,), (8,)), input_shape=(8, 8, 1))
+    m = kmtl.build_model(
+        heads=[heads.Classification("digit", 10), heads.Binary("parity"), heads.Regression("value")],
+        trunk=trunks.conv((4,), (8,)),
+        input_shape=(8, 8, 1),
+    )
     m.compile()
     return m
 
@@ -93,9 +96,12 @@ def test_keras_file_round_trip_and_atomicity(model, tmp_path, monkeypatch):
 
 
 def test_task_routed_export_serves_each_task_alone(tmp_path):
-    model = kmtl.build_model(heads=[heads.Classification("digit", 10), heads.Classification("item", 10)],
-                             inputs={"digit": (8, 8, 1), "item": (8, 8, 1)}, trunk=trunks.dense((8,)),
-                             architecture="task_routed")
+    model = kmtl.build_model(
+        heads=[heads.Classification("digit", 10), heads.Classification("item", 10)],
+        inputs={"digit": (8, 8, 1), "item": (8, 8, 1)},
+        trunk=trunks.dense((8,)),
+        architecture="task_routed",
+    )
     model.compile()
     served = kmtl.export.load(kmtl.export.saved_model(model, tmp_path / "routed"))
     assert {"serving_default", "serve_digit", "serve_item"} <= set(served.signatures)
@@ -104,4 +110,6 @@ def test_task_routed_export_serves_each_task_alone(tmp_path):
     only_digit = served({"digit": x}, signature="serve_digit")
     assert set(only_digit) == {"digit"}
     np.testing.assert_allclose(only_digit["digit"], full["digit"], atol=1e-6)
-    np.testing.assert_allclose(served({"item": 1 - x}, signature="serve_item")["item"], full["item"], atol=1e-6)
+    np.testing.assert_allclose(
+        served({"item": 1 - x}, signature="serve_item")["item"], full["item"], atol=1e-6
+    )

@@ -33,8 +33,14 @@ def test_tower_layers():
     head = heads.Classification("digit", 10, hidden_units=(16, 8), dropout=0.1)
     model = keras.Model(inp := keras.Input((4, 4)), head(inp))
     names = [layer.name for layer in model.layers]
-    assert names[1:] == ["digit_flatten", "digit_hidden_0", "digit_dropout_0", "digit_hidden_1",
-                         "digit_dropout_1", "digit_output"]
+    assert names[1:] == [
+        "digit_flatten",
+        "digit_hidden_0",
+        "digit_dropout_0",
+        "digit_hidden_1",
+        "digit_dropout_1",
+        "digit_output",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -67,8 +73,12 @@ def test_duplicate_names_and_unknown_kind():
 
 @pytest.mark.parametrize(
     "head",
-    [heads.Classification("digit", 10, hidden_units=(5,)), heads.Binary("parity"),
-     heads.MultiLabel("tags", 3, dropout=0.2), heads.Regression("value", units=2)],
+    [
+        heads.Classification("digit", 10, hidden_units=(5,)),
+        heads.Binary("parity"),
+        heads.MultiLabel("tags", 3, dropout=0.2),
+        heads.Regression("value", units=2),
+    ],
 )
 def test_serialization_round_trip(head):
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(head))

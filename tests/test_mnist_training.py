@@ -14,7 +14,11 @@ def test_conv_trunk_reaches_95_percent_digit_accuracy(mnist_dir, tmp_path):
     model = kmtl.build_model(
         input_shape=(28, 28, 1),
         trunk=trunks.conv(filters=(16, 32), dense_units=(64,)),
-        heads=[heads.Classification("digit", num_classes=10), heads.Binary("parity"), heads.Regression("value")],
+        heads=[
+            heads.Classification("digit", num_classes=10),
+            heads.Binary("parity"),
+            heads.Regression("value"),
+        ],
     )
     model.compile(optimizer="adam", loss_weights={"digit": 1.0, "parity": 0.5, "value": 0.1})
     history = model.fit(train, validation_data=test, epochs=2, verbose=0)

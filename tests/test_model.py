@@ -33,9 +33,14 @@ def _data(n=64, seed=0, tasks=("digit", "parity")):
 
 def _model(weighting=None, tasks=("digit", "parity"), optimizer=None, **compile_kwargs):
     keras.utils.set_random_seed(1)
-    all_heads = {"digit": heads.Classification("digit", 10), "parity": heads.Binary("parity"),
-                 "value": heads.Regression("value")}
-    model = kmtl.build_model(heads=[all_heads[t] for t in tasks], trunk=trunks.dense((16,)), input_shape=(8, 8, 1))
+    all_heads = {
+        "digit": heads.Classification("digit", 10),
+        "parity": heads.Binary("parity"),
+        "value": heads.Regression("value"),
+    }
+    model = kmtl.build_model(
+        heads=[all_heads[t] for t in tasks], trunk=trunks.dense((16,)), input_shape=(8, 8, 1)
+    )
     model.compile(optimizer=optimizer or keras.optimizers.SGD(0.1), weighting=weighting, **compile_kwargs)
     return model
 
@@ -58,11 +63,22 @@ def test_build_and_structure():
 
 def test_fit_history_names_and_loss_weights():
     x, y = _data(tasks=("digit", "parity", "value"))
-    model = _model(tasks=("digit", "parity", "value"), loss_weights={"digit": 1.0, "parity": 0.5, "value": 0.1})
+    model = _model(
+        tasks=("digit", "parity", "value"), loss_weights={"digit": 1.0, "parity": 0.5, "value": 0.1}
+    )
     history = model.fit(x, y, epochs=2, batch_size=16, verbose=0, validation_data=(x, y))
     keys = set(history.history)
-    for name in ("digit_loss", "parity_loss", "value_loss", "digit_accuracy", "parity_auc", "value_mae",
-                 "val_digit_accuracy", "weight_digit", "loss"):
+    for name in (
+        "digit_loss",
+        "parity_loss",
+        "value_loss",
+        "digit_accuracy",
+        "parity_auc",
+        "value_mae",
+        "val_digit_accuracy",
+        "weight_digit",
+        "loss",
+    ):
         assert name in keys, name
     assert not any(k.startswith("val_weight") for k in keys)
     assert history.history["weight_parity"] == [0.5, 0.5]
@@ -142,8 +158,9 @@ def test_masked_loss_is_mean_over_labelled_examples():
     mask = np.zeros(32, "float32")
     mask[:8] = 1.0
     full = model.evaluate(x[:8], {k: v[:8] for k, v in y.items()}, return_dict=True, verbose=0)
-    masked = model.evaluate(x, y, sample_weight={"digit": mask, "parity": mask}, return_dict=True,
-                            verbose=0, batch_size=32)
+    masked = model.evaluate(
+        x, y, sample_weight={"digit": mask, "parity": mask}, return_dict=True, verbose=0, batch_size=32
+    )
     assert masked["digit_loss"] == pytest.approx(full["digit_loss"], rel=1e-5)
 
 
@@ -158,7 +175,9 @@ def test_compile_errors():
     with pytest.raises(ValueError, match="non-negative number"):
         model.compile(loss_weights={"digit": -1.0})
     with pytest.raises(ValueError, match="Unknown architecture 'star'"):
-        kmtl.build_model(heads=[heads.Binary("p")], trunk=trunks.dense((4,)), input_shape=(3,), architecture="star")
+        kmtl.build_model(
+            heads=[heads.Binary("p")], trunk=trunks.dense((4,)), input_shape=(3,), architecture="star"
+        )
     with pytest.raises(ValueError, match="exactly one of `input_shape`"):
         kmtl.build_model(heads=[heads.Binary("p")], trunk=trunks.dense((4,)))
 
@@ -170,7 +189,10 @@ def test_target_errors_name_the_head():
         model.fit(x, {**y, "value": y["digit"]}, epochs=1, verbose=0)
     with pytest.raises(ValueError, match=r"Head\(s\) \['parity'\] have no target"):
         model.fit(x, {"digit": y["digit"]}, epochs=1, verbose=0)
-    with pytest.raises(ValueError, match=r"Head 'digit': labels must be integers in \[0, 9\]. Received: labels with min=.*max=1[0-9]"):
+    with pytest.raises(
+        ValueError,
+        match=r"Head 'digit': labels must be integers in \[0, 9\]. Received: labels with min=.*max=1[0-9]",
+    ):
         model.fit(x, {"digit": y["digit"] + 7, "parity": y["parity"]}, epochs=1, verbose=0)
     with pytest.raises(ValueError, match=r"Head 'parity': labels must be values in \[0, 1\]"):
         model.fit(x, {"digit": y["digit"], "parity": y["parity"] * 3}, epochs=1, verbose=0)
@@ -188,7 +210,13 @@ def test_masked_labels_may_hold_placeholders():
     digit = y["digit"].copy()
     digit[:16] = -1  # missing labels, masked out
     mask = np.r_[np.zeros(16), np.ones(16)].astype("float32")
-    model.fit(x, {"digit": digit, "parity": y["parity"]}, sample_weight={"digit": mask, "parity": np.ones(32, "float32")}, epochs=1, verbose=0)
+    model.fit(
+        x,
+        {"digit": digit, "parity": y["parity"]},
+        sample_weight={"digit": mask, "parity": np.ones(32, "float32")},
+        epochs=1,
+        verbose=0,
+    )
 
 
 @pytest.mark.parametrize("strategy", [None, "sum"])
@@ -206,9 +234,13 @@ def test_keras_round_trip_keeps_config_compile_and_strategy(tmp_path):
     x, y = _data(32)
     model = kmtl.build_model(
         heads=[heads.Classification("digit", 10, hidden_units=(8,)), heads.Binary("parity")],
-        trunk=trunks.conv((4,), (8,)), input_shape=(8, 8, 1), name="roundtrip",
+        trunk=trunks.conv((4,), (8,)),
+        input_shape=(8, 8, 1),
+        name="roundtrip",
     )
-    model.compile(optimizer="adam", loss_weights={"digit": 1.0, "parity": 0.3}, weighting=SumOfGradients(update_every=2))
+    model.compile(
+        optimizer="adam", loss_weights={"digit": 1.0, "parity": 0.3}, weighting=SumOfGradients(update_every=2)
+    )
     model.fit(x, y, epochs=1, batch_size=16, verbose=0)
     path = tmp_path / "m.keras"
     model.save(path)
@@ -266,11 +298,14 @@ def test_trainable_strategy_variables_are_optimized():
 def test_compile_model_for_plain_keras_models():
     inp = keras.Input((4,))
     hidden = keras.layers.Dense(8)(inp)
-    outputs = {"a": keras.layers.Dense(3, activation="softmax", name="a")(hidden),
-               "b": keras.layers.Dense(1, activation="sigmoid", name="b")(hidden)}
+    outputs = {
+        "a": keras.layers.Dense(3, activation="softmax", name="a")(hidden),
+        "b": keras.layers.Dense(1, activation="sigmoid", name="b")(hidden),
+    }
     model = keras.Model(inp, outputs)
-    kmtl.compile_model(model, [heads.Classification("a", 3), heads.Binary("b")], loss_weights={"a": 2.0},
-                       optimizer="adam")
+    kmtl.compile_model(
+        model, [heads.Classification("a", 3), heads.Binary("b")], loss_weights={"a": 2.0}, optimizer="adam"
+    )
     logs = model.fit(np.zeros((8, 4)), {"a": np.zeros(8), "b": np.ones(8)}, verbose=0).history
     assert "a_accuracy" in logs and "b_auc" in logs
     with pytest.raises(ValueError, match=r"Head\(s\) \['c'\] match no model output"):

@@ -23,12 +23,27 @@ def test_lenet_is_multilenet():
     trunk = trunks.lenet()
     inp = keras.Input((28, 28, 1))
     model = keras.Model(inp, trunk(inp))
-    convs = [l for b in model.layers[1:] for l in getattr(b, "layers", []) if isinstance(l, keras.layers.Conv2D)]
+    convs = [
+        layer
+        for b in model.layers[1:]
+        for layer in getattr(b, "layers", [])
+        if isinstance(layer, keras.layers.Conv2D)
+    ]
     assert [(c.filters, c.kernel_size) for c in convs] == [(10, (5, 5)), (20, (5, 5))]
-    drops = [l.rate for b in model.layers[1:] for l in getattr(b, "layers", []) if isinstance(l, keras.layers.Dropout)]
+    drops = [
+        layer.rate
+        for b in model.layers[1:]
+        for layer in getattr(b, "layers", [])
+        if isinstance(layer, keras.layers.Dropout)
+    ]
     assert drops == [0.5]
     assert tuple(model.output.shape) == (None, 50)
-    flatten = [l for b in model.layers[1:] for l in getattr(b, "layers", []) if isinstance(l, keras.layers.Flatten)][0]
+    flatten = [
+        layer
+        for b in model.layers[1:]
+        for layer in getattr(b, "layers", [])
+        if isinstance(layer, keras.layers.Flatten)
+    ][0]
     assert tuple(flatten.output.shape) == (None, 320)
     assert model.count_params() == 260 + 5020 + 320 * 50 + 50
 
@@ -54,7 +69,9 @@ def test_conv_trunk_needs_images():
         trunks.conv()(keras.Input((10,)))
 
 
-@pytest.mark.parametrize("trunk", [trunks.lenet(), trunks.dense((8,)), trunks.conv((4,), (8,), kernel_size=5)])
+@pytest.mark.parametrize(
+    "trunk", [trunks.lenet(), trunks.dense((8,)), trunks.conv((4,), (8,), kernel_size=5)]
+)
 def test_serialization_round_trip(trunk):
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(trunk))
     assert restored == trunk

@@ -17,9 +17,7 @@ def single_input(inputs, architecture: str):
 
 def positive_int(value, option: str, architecture: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"{architecture}: `{option}` must be an integer >= 1. Received: {option}={value!r}"
-        )
+        raise ValueError(f"{architecture}: `{option}` must be an integer >= 1. Received: {option}={value!r}")
     return value
 
 

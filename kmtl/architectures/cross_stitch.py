@@ -57,11 +57,12 @@ def build_cross_stitch(inputs, trunk, heads, self_weight: float = 0.9) -> Parts:
     _common.single_input(inputs, "cross_stitch")
     if len(heads) < 2:
         raise ValueError(
-            "cross_stitch mixes the columns of two or more tasks. "
-            f"Received: heads={[h.name for h in heads]}"
+            f"cross_stitch mixes the columns of two or more tasks. Received: heads={[h.name for h in heads]}"
         )
     if isinstance(self_weight, bool) or not isinstance(self_weight, (int, float)) or not 0 < self_weight <= 1:
-        raise ValueError(f"cross_stitch: `self_weight` must be in (0, 1]. Received: self_weight={self_weight!r}")
+        raise ValueError(
+            f"cross_stitch: `self_weight` must be in (0, 1]. Received: self_weight={self_weight!r}"
+        )
     _common.check_trunk_input(trunk, inputs, "cross_stitch")
     names = [h.name for h in heads]
 

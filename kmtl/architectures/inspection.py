@@ -50,7 +50,11 @@ def _batches(data, steps):
     for i, start in enumerate(range(0, size, 256)):
         if steps is not None and i >= steps:
             return
-        yield {k: v[start : start + 256] for k, v in x.items()} if isinstance(x, dict) else x[start : start + 256]
+        yield (
+            {k: v[start : start + 256] for k, v in x.items()}
+            if isinstance(x, dict)
+            else x[start : start + 256]
+        )
 
 
 def expert_utilization(model, dataset, steps: int | None = None) -> dict:

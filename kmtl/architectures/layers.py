@@ -91,8 +91,7 @@ class ExpertMixture(keras.layers.Layer):
     def build(self, input_shape):
         if not isinstance(input_shape, (list, tuple)) or len(input_shape) < 2:
             raise ValueError(
-                "ExpertMixture is called on [gate, expert_0, ...]. "
-                f"Received: input shapes {input_shape!r}"
+                f"ExpertMixture is called on [gate, expert_0, ...]. Received: input shapes {input_shape!r}"
             )
         gate, experts = input_shape[0], input_shape[1:]
         if gate[-1] is not None and gate[-1] != len(experts):
@@ -102,8 +101,7 @@ class ExpertMixture(keras.layers.Layer):
             )
         if any(tuple(e[1:]) != tuple(experts[0][1:]) for e in experts):
             raise ValueError(
-                "All experts must have the same output shape. "
-                f"Received: expert shapes {_shape_text(experts)}"
+                f"All experts must have the same output shape. Received: expert shapes {_shape_text(experts)}"
             )
 
     def call(self, inputs):
@@ -140,13 +138,19 @@ class CrossStitch(keras.layers.Layer):
 
     def __init__(self, self_weight: float = 0.9, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(self_weight, bool) or not isinstance(self_weight, (int, float)) or not 0 < self_weight <= 1:
+        if (
+            isinstance(self_weight, bool)
+            or not isinstance(self_weight, (int, float))
+            or not 0 < self_weight <= 1
+        ):
             raise ValueError(f"`self_weight` must be in (0, 1]. Received: self_weight={self_weight!r}")
         self.self_weight = float(self_weight)
 
     def build(self, input_shape):
-        if not isinstance(input_shape, (list, tuple)) or len(input_shape) < 2 or not isinstance(
-            input_shape[0], (list, tuple)
+        if (
+            not isinstance(input_shape, (list, tuple))
+            or len(input_shape) < 2
+            or not isinstance(input_shape[0], (list, tuple))
         ):
             raise ValueError(
                 "A cross-stitch unit mixes the features of two or more tasks; call it on a "

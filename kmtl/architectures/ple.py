@@ -156,7 +156,10 @@ def _build(inputs, trunk, heads, num_levels, num_shared, num_task, gate_input, a
     shared_in, task_in = base, {t: base for t in names}
     for level in range(num_levels - 1):
         shared = _experts(trunk, f"level_{level}_shared_expert", num_shared, bounds[level], shared_in)
-        own = {t: _experts(trunk, f"level_{level}_{t}_expert", num_task, bounds[level], task_in[t]) for t in names}
+        own = {
+            t: _experts(trunk, f"level_{level}_{t}_expert", num_task, bounds[level], task_in[t])
+            for t in names
+        }
         next_task_in = {}
         for t in names:
             gate = ExpertGate(num_shared + num_task, name=f"level_{level}_{t}_gate")(task_in[t])
@@ -167,7 +170,9 @@ def _build(inputs, trunk, heads, num_levels, num_shared, num_task, gate_input, a
         task_in = next_task_in
     last = num_levels - 1
     representation = {}
-    for i, e in enumerate(_experts(trunk, f"level_{last}_shared_expert", num_shared, bounds[last], shared_in)):
+    for i, e in enumerate(
+        _experts(trunk, f"level_{last}_shared_expert", num_shared, bounds[last], shared_in)
+    ):
         representation[f"shared_expert_{i}"] = e
     if num_levels == 1:
         representation["input"] = _common.branch(base, "input_branch") if stem else base

@@ -22,7 +22,9 @@ def _resolve_routes(input_names, head_names, routes) -> dict:
             )
         return {h: h for h in head_names}
     if not isinstance(routes, dict):
-        raise ValueError(f"task_routed: `routes` must be a dict {{head: input_name}}. Received: routes={routes!r}")
+        raise ValueError(
+            f"task_routed: `routes` must be a dict {{head: input_name}}. Received: routes={routes!r}"
+        )
     unknown = sorted(set(routes) - set(head_names))
     missing = [h for h in head_names if h not in routes]
     if unknown or missing:
@@ -39,9 +41,7 @@ def _resolve_routes(input_names, head_names, routes) -> dict:
         )
     unused = sorted(set(input_names) - set(routes.values()))
     if unused:
-        raise ValueError(
-            f"task_routed: input(s) {unused} are read by no head. Received: routes={routes!r}"
-        )
+        raise ValueError(f"task_routed: input(s) {unused} are read by no head. Received: routes={routes!r}")
     return {h: routes[h] for h in head_names}
 
 
