@@ -143,19 +143,19 @@ def main(argv=None):
           f"python {platform.python_version()}, TF {tf.__version__}, Keras {keras.__version__}")
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in load_start)}")
     print(f"MultiLeNet, batch {BATCH}, {args.steps} steps x {args.repeats} alternating repeats, synthetic data")
-    results = {t: run(t, args.steps, args.repeats, only) for t in args.tasks}
     print()
     print("| tasks | strategy | level | median step (ms) | min step (ms) | ratio to static | target | pass |")
-    print("|---:|---|---|---:|---:|---:|---:|---|")
-    failures = []
-    for t, rows in results.items():
+    print("|---:|---|---|---:|---:|---:|---:|---|", flush=True)
+    results, failures = {}, []
+    for t in args.tasks:  # one group at a time, printed as soon as it is measured
+        results[t] = rows = run(t, args.steps, args.repeats, only)
         for r in rows:
             target = r["target"]
             verdict = "" if target is None else ("pass" if r["ratio"] <= target else "MISS")
             if verdict == "MISS":
                 failures.append(f"{t} tasks {r['label']} {r['ratio']:.2f}x > {target}x")
             print(f"| {t} | {r['label']} | {r['level']} | {1000 * r['median']:.1f} | {1000 * r['min']:.1f} | "
-                  f"{r['ratio']:.2f} | {'' if target is None else f'<= {target}'} | {verdict} |")
+                  f"{r['ratio']:.2f} | {'' if target is None else f'<= {target}'} | {verdict} |", flush=True)
     print()
     print("trace (warm-up) seconds: " + "; ".join(
         f"{t} tasks: max {max(r['warmup'] for r in rows):.1f} ({max(rows, key=lambda r: r['warmup'])['label']})"
