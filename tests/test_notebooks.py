@@ -13,6 +13,9 @@ def test_notebook_runs(path, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     monkeypatch.setenv("KMTL_FAST", "1")
+    if os.environ.get("KMTL_DATA_DIR"):
+        # The kernel runs in tmp_path: a relative data path must not depend on it.
+        monkeypatch.setenv("KMTL_DATA_DIR", str(Path(os.environ["KMTL_DATA_DIR"]).resolve()))
     notebook = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(
         notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
