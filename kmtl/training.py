@@ -160,9 +160,10 @@ def _gradient_level(model, strategy, x, y, sample_weight):
     def per_task_gradients():
         sources = flat_rep if representation_mode else shared
         if not representation_mode:
-            # One vectorised (pfor) backward pass for all tasks: measured 1.4x an
-            # equal-weight step on MultiLeNet, against 3.5x for a loop of
-            # tape.gradient calls (benchmarks/weighting.py).
+            # One vectorised (pfor) backward pass for all tasks. On MultiLeNet at
+            # 2 tasks: 1.1-1.4x an equal-weight step, against 3.5x for a loop of
+            # tape.gradient calls; at 10 tasks pfor and the loop cost 5.3x and
+            # 5.9x one backward pass (benchmarks/README.md, Weighting).
             jac = tape.jacobian(scaled_vector, list(sources), experimental_use_pfor=True)
             stacked = _zeros_for_none(jac, [tf.zeros((len(names),) + tuple(v.shape)) for v in sources])
             heads = [

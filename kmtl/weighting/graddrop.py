@@ -45,6 +45,14 @@ class GradDrop(Weighting):
     `(seed, draw counter)`: the same on every replica and with or without
     XLA, reproducible for a seed, continued after a reload.
 
+    Under `tf.distribute.MirroredStrategy` in representation mode, each
+    replica computes the purity from its own part of the batch (the
+    representation gradients of different examples are not summed across
+    replicas), so the masks, and the logged weights kept by the first
+    replica, are per replica rather than for the global batch. In parameter
+    mode the gradients are summed over replicas first and every replica
+    applies the same mask.
+
     Args:
         leak: fraction of a dropped gradient that is kept, in [0, 1].
         seed: integer seed; `None` draws one at construction (kept in the
