@@ -445,6 +445,12 @@ class MultiTaskModel(keras.Model):
         """
         from kmtl.callbacks import TrainingGuard
 
+        import tensorflow as tf
+
+        data = args[0] if args else kwargs.get("x")
+        if isinstance(data, tf.data.Dataset):
+            # A dataset is shuffled by its pipeline; Keras would only warn.
+            kwargs.setdefault("shuffle", False)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, TrainingGuard) for c in callbacks):
             callbacks.append(TrainingGuard())
