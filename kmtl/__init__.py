@@ -13,7 +13,18 @@ Example:
 >>> model.compile(optimizer="adam")
 """
 
-from kmtl import architectures, callbacks, data, evaluation, export, heads, plots, trunks, weighting
+from kmtl import (
+    architectures,
+    callbacks,
+    data,
+    diagnostics,
+    evaluation,
+    export,
+    heads,
+    plots,
+    trunks,
+    weighting,
+)
 from kmtl.callbacks import TrainingGuard
 from kmtl.evaluation import Report, delta_m, evaluate
 from kmtl.model import MultiTaskModel, NonFiniteLossError, build_model, compile_model
@@ -31,6 +42,7 @@ __all__ = [
     "compile_model",
     "data",
     "delta_m",
+    "diagnostics",
     "evaluate",
     "evaluation",
     "export",
