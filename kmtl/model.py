@@ -443,9 +443,9 @@ class MultiTaskModel(keras.Model):
         whose loss became NaN/inf (the offending update is not applied), and
         calls the weighting strategy's `on_epoch_end`.
         """
-        from kmtl.callbacks import TrainingGuard
-
         import tensorflow as tf
+
+        from kmtl.callbacks import TrainingGuard
 
         data = args[0] if args else kwargs.get("x")
         if isinstance(data, tf.data.Dataset):
