@@ -108,8 +108,16 @@ def run(num_tasks: int, steps: int, repeats: int, only: set[str] | None) -> list
         start = time.perf_counter()
         model = build(num_tasks, name, mode)
         model.fit(data.take(2), epochs=1, verbose=0, shuffle=False)  # trace
-        rows.append({"label": label, "level": level, "mode": mode, "model": model,
-                     "timer": EpochTimer(), "warmup": time.perf_counter() - start})
+        rows.append(
+            {
+                "label": label,
+                "level": level,
+                "mode": mode,
+                "model": model,
+                "timer": EpochTimer(),
+                "warmup": time.perf_counter() - start,
+            }
+        )
     for _ in range(repeats):
         for row in rows:
             row["model"].fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[row["timer"]])
@@ -139,10 +147,14 @@ def main(argv=None):
     load_start = os.getloadavg()
     started = time.perf_counter()
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"date: {datetime.datetime.now().isoformat(timespec='minutes')}, host cores: {os.cpu_count()}, "
-          f"python {platform.python_version()}, TF {tf.__version__}, Keras {keras.__version__}")
+    print(
+        f"date: {datetime.datetime.now().isoformat(timespec='minutes')}, host cores: {os.cpu_count()}, "
+        f"python {platform.python_version()}, TF {tf.__version__}, Keras {keras.__version__}"
+    )
     print(f"load average at start: {' '.join(f'{v:.2f}' for v in load_start)}")
-    print(f"MultiLeNet, batch {BATCH}, {args.steps} steps x {args.repeats} alternating repeats, synthetic data")
+    print(
+        f"MultiLeNet, batch {BATCH}, {args.steps} steps x {args.repeats} alternating repeats, synthetic data"
+    )
     print()
     print("| tasks | strategy | level | median step (ms) | min step (ms) | ratio to static | target | pass |")
     print("|---:|---|---|---:|---:|---:|---:|---|", flush=True)
@@ -154,15 +166,24 @@ def main(argv=None):
             verdict = "" if target is None else ("pass" if r["ratio"] <= target else "MISS")
             if verdict == "MISS":
                 failures.append(f"{t} tasks {r['label']} {r['ratio']:.2f}x > {target}x")
-            print(f"| {t} | {r['label']} | {r['level']} | {1000 * r['median']:.1f} | {1000 * r['min']:.1f} | "
-                  f"{r['ratio']:.2f} | {'' if target is None else f'<= {target}'} | {verdict} |", flush=True)
+            print(
+                f"| {t} | {r['label']} | {r['level']} | {1000 * r['median']:.1f} | {1000 * r['min']:.1f} | "
+                f"{r['ratio']:.2f} | {'' if target is None else f'<= {target}'} | {verdict} |",
+                flush=True,
+            )
     print()
-    print("trace (warm-up) seconds: " + "; ".join(
-        f"{t} tasks: max {max(r['warmup'] for r in rows):.1f} ({max(rows, key=lambda r: r['warmup'])['label']})"
-        for t, rows in results.items()))
+    print(
+        "trace (warm-up) seconds: "
+        + "; ".join(
+            f"{t} tasks: max {max(r['warmup'] for r in rows):.1f} ({max(rows, key=lambda r: r['warmup'])['label']})"
+            for t, rows in results.items()
+        )
+    )
     print(f"targets missed: {len(failures)}" + "".join(f"\n  {f}" for f in failures))
-    print(f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
-          f"wall time {time.perf_counter() - started:.0f} s")
+    print(
+        f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+        f"wall time {time.perf_counter() - started:.0f} s"
+    )
 
 
 if __name__ == "__main__":
