@@ -97,7 +97,7 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
         archive.track(model)
         specs = _signature_specs(model)
         if isinstance(specs, dict):
-            archive.add_endpoint("serve", _dict_fn(model, specs))
+            archive.add_endpoint("serve", _serving_fn(model, [specs]))
             for task, fn in _task_endpoints(model, specs):
                 archive.add_endpoint(f"serve_{task}", fn)
         else:
@@ -112,16 +112,6 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
     return path
 
 
-def _dict_fn(model, specs):
-    import tensorflow as tf
-
-    @tf.function(input_signature=[specs])
-    def serve(inputs):
-        return model(inputs, training=False)
-
-    return serve
-
-
 def _task_endpoints(model, specs):
     """`serve_<task>` endpoints of task-routed models: one task's input alone."""
 
@@ -133,16 +123,17 @@ def _task_endpoints(model, specs):
     for task, input_names in architectures.task_inputs(model).items():
         sub = architectures.task_submodel(model, task)
         sig = [{n: specs[n] for n in input_names}]
-        endpoints.append((task, _submodel_fn(sub, sig)))
+        endpoints.append((task, _serving_fn(sub, sig)))
     return endpoints
 
 
-def _submodel_fn(sub, signature):
+def _serving_fn(model, signature):
+    """A traced inference function of `model` for one export endpoint."""
     import tensorflow as tf
 
     @tf.function(input_signature=signature)
     def serve(inputs):
-        return sub(inputs, training=False)
+        return model(inputs, training=False)
 
     return serve
 

@@ -79,10 +79,9 @@ def train_step(model, data):
     return logs
 
 
-def _track_total(model, x, losses, static):
+def _track_total(model, x, losses, static, reg):
     """Updates the `loss` tracker with the static-weighted sum, as `evaluate` reports it."""
     total = tf.reduce_sum(losses * static)
-    reg = model._regularization_loss()
     if reg is not None:
         total = total + reg
     model._loss_tracker.update_state(
@@ -96,7 +95,8 @@ def _loss_level(model, strategy, x, y, sample_weight):
     with tf.GradientTape() as tape:
         y_pred = model(x, training=True)
         names, losses, static, present = model.task_losses(y, y_pred, sample_weight)
-        total = _track_total(model, x, losses, static)
+        reg = model._regularization_loss()
+        total = _track_total(model, x, losses, static, reg)
         if strategy is not None:
             replicas = _num_replicas()
             strategy.pop_collective_outputs()
@@ -104,7 +104,6 @@ def _loss_level(model, strategy, x, y, sample_weight):
             present = _sum_over_replicas(tf.cast(present, "float32")) > 0
             objective = strategy.combine(losses * static * replicas, present, model.optimizer.iterations)
             total = objective / replicas
-            reg = model._regularization_loss()
             if reg is not None:
                 total = total + reg
             weights = {n: strategy.task_weights[i] for i, n in enumerate(names)}
@@ -140,11 +139,11 @@ def _gradient_level(model, strategy, x, y, sample_weight):
         else:
             y_pred = model(x, training=True)
         names, losses, static, present = model.task_losses(y, y_pred, sample_weight)
-        _track_total(model, x, losses, static)
+        reg = model._regularization_loss()
+        _track_total(model, x, losses, static, reg)
         weighted = losses * static
         scaled = [model.optimizer.scale_loss(weighted[i]) for i in range(len(names))]
         scaled_vector = tf.stack(scaled)
-        reg = model._regularization_loss()
         if reg is not None:
             reg = model.optimizer.scale_loss(reg)
     shared, task_vars, rest = _split_variables(model, names)
