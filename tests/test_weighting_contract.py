@@ -55,16 +55,23 @@ def _inputs(rng, num_tasks, present=None, kind="random"):
 
 
 def _step_fn(strategy, jit_compile=None):
-    """A `tf.function` running one step; returns (output, task weights, d output / d losses)."""
+    """One step as the training step runs it: the pure function, then `commit`.
+
+    Returns (output, task weights, d output / d losses).
+    """
 
     def step(losses, present, grads, iteration):
+        state = strategy.state()
         if strategy.level == "loss":
             with tf.GradientTape() as tape:
                 tape.watch(losses)
-                total = strategy.combine(losses, present, iteration)
-            return total, tf.identity(strategy.task_weights), tape.gradient(total, losses)
-        combined = strategy.combine_gradients([grads], losses, present, iteration)[0]
-        return combined, tf.identity(strategy.task_weights), tf.zeros_like(losses)
+                total, weights, new_state = strategy.combine(losses, losses, present, iteration, state)
+            output, d_losses = total, tape.gradient(total, losses)
+        else:
+            combined, weights, new_state = strategy.combine_gradients([grads], losses, present, iteration, state)
+            output, d_losses = combined[0], tf.zeros_like(losses)
+        strategy.commit({**new_state, "task_weights": weights})
+        return output, tf.identity(strategy.task_weights), d_losses
 
     if jit_compile is None:
         return step
@@ -182,9 +189,9 @@ def test_masked_task_gets_no_weight_and_its_values_are_ignored(name):
         assert weights[1] == 0.0, weights
         assert d_losses[1] == 0.0, d_losses
         if zero.trainable_variables:
+            step = tf.constant(i, tf.int64)
             with tf.GradientTape() as tape:
-                total = zero.combine(losses, present, tf.constant(i, tf.int64))
-                garbage.combine(garbage_losses, present, tf.constant(i, tf.int64))
+                total, _, _ = zero.combine(losses, losses, present, step, zero.state())
             for variable, grad in zip(
                 zero.trainable_variables, tape.gradient(total, zero.trainable_variables), strict=True
             ):
@@ -227,6 +234,58 @@ def test_one_task(name):
         assert d @ g[0] > 0
 
 
+def _all_variables(strategy):
+    return {v.path: v.numpy().copy() for v in strategy.variables}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_pure_functions_change_nothing_and_commit_can_refuse(name):
+    # combine / combine_gradients / aggregate are pure: the state changes only
+    # through `commit`, and `commit(..., accept=False)` keeps every variable.
+    rng = np.random.default_rng(5)
+    strategy = _make(name)
+    fn = _step_fn(strategy, jit_compile=False)
+    for i in range(3):
+        _run(fn, strategy, _inputs(rng, 3), i)
+    before = _all_variables(strategy)
+    losses, present, grads = _inputs(rng, 3)
+    step = tf.constant(3, tf.int64)
+
+    @tf.function
+    def pure_then_refuse():
+        state = strategy.state()
+        if strategy.level == "loss":
+            _, weights, new_state = strategy.combine(losses, losses, present, step, state)
+        else:
+            _, weights, new_state = strategy.combine_gradients([grads], losses, present, step, state)
+        strategy.commit({**new_state, "task_weights": weights}, accept=tf.constant(False))
+        return weights
+
+    pure_then_refuse()
+    strategy.aggregate(grads.numpy(), losses=losses, present=present, step=3)
+    after = _all_variables(strategy)
+    for path, value in before.items():
+        np.testing.assert_array_equal(value, after[path], err_msg=path)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_aggregate_is_matrix_in_vector_out_for_every_strategy(name):
+    # Loss level: the update is G^T weights, the weights being d total / d losses.
+    rng = np.random.default_rng(6)
+    G = rng.normal(size=(3, DIM))
+    strategy = kmtl.weighting.get(name)
+    d = strategy.aggregate(G).numpy()
+    assert d.shape == (DIM,) and np.isfinite(d).all()
+    assert not strategy.built  # a fresh strategy is not built by aggregate
+    if strategy.level == "loss":
+        built = _make(name)
+        losses = tf.ones((3,))
+        with tf.GradientTape() as tape:
+            tape.watch(losses)
+            total, weights, _ = built.combine(losses, losses, tf.ones((3,), bool), tf.constant(0, tf.int64), built.state())
+        np.testing.assert_allclose(weights.numpy(), tape.gradient(total, losses).numpy(), rtol=1e-5, atol=1e-7)
+
+
 def _fresh_model(heads, name):
     keras.utils.set_random_seed(0)
     model = kmtl.build_model(heads=heads, trunk=trunks.dense((32,)), input_shape=(28, 28, 1))
@@ -253,7 +312,7 @@ def test_fit_on_mnist_improves_both_tasks_and_survives_reload(name, mnist, tmp_p
     after = model.evaluate(test, return_dict=True, verbose=0)
     for task in ("digit", "parity"):
         assert after[f"{task}_loss"] < 0.8 * before[f"{task}_loss"], (task, before, after)
-        weights = history.history[f"weight_{task}"]
+        weights = history.history[f"{task}_weight"]
         assert len(weights) == 2 and all(math.isfinite(w) for w in weights), weights
     path = tmp_path / f"{name}.keras"
     model.save(path)

@@ -6,55 +6,71 @@ Use a strategy by name or as an object when compiling a kmtl model::
     model.compile(optimizer="adam", weighting=kmtl.weighting.CAGrad(c=0.4))
 
 `get(name)` returns a new strategy from its registered name and `names()`
-lists the names. Every gradient-level strategy also offers the pure function
+lists the names. Every strategy also offers the pure function
 `aggregate(G)` (`[num_tasks, dim]` -> `[dim]`). See `kmtl.weighting.base` for
 the contract every strategy follows.
+
+Every strategy module is imported here, eagerly: importing `kmtl` registers
+every class a saved model may name, in any process.
 """
 
 from __future__ import annotations
 
-import importlib
-
+from kmtl import registry
+from kmtl.weighting.aligned_mtl import AlignedMTL
 from kmtl.weighting.base import Weighting
+from kmtl.weighting.cagrad import CAGrad
+from kmtl.weighting.db_mtl import DBMTL
+from kmtl.weighting.dwa import DWA
+from kmtl.weighting.famo import FAMO
+from kmtl.weighting.gls import GLS
+from kmtl.weighting.graddrop import GradDrop
+from kmtl.weighting.gradnorm import GradNorm
+from kmtl.weighting.gradvac import GradVac
+from kmtl.weighting.imtl import IMTL
+from kmtl.weighting.mgda import MGDA
+from kmtl.weighting.nash_mtl import NashMTL
+from kmtl.weighting.pcgrad import PCGrad
+from kmtl.weighting.rlw import RLW
+from kmtl.weighting.static import Equal, Static
+from kmtl.weighting.uncertainty import Uncertainty
+from kmtl.weighting.upgrad import UPGrad
 
-# registered name -> (module, class). One module per strategy.
-_REGISTRY = {
-    "equal": ("static", "Equal"),
-    "uncertainty": ("uncertainty", "Uncertainty"),
-    "dwa": ("dwa", "DWA"),
-    "gradnorm": ("gradnorm", "GradNorm"),
-    "rlw": ("rlw", "RLW"),
-    "famo": ("famo", "FAMO"),
-    "db_mtl": ("db_mtl", "DBMTL"),
-    "gls": ("gls", "GLS"),
-    "pcgrad": ("pcgrad", "PCGrad"),
-    "cagrad": ("cagrad", "CAGrad"),
-    "mgda": ("mgda", "MGDA"),
-    "imtl": ("imtl", "IMTL"),
-    "gradvac": ("gradvac", "GradVac"),
-    "nash_mtl": ("nash_mtl", "NashMTL"),
-    "aligned_mtl": ("aligned_mtl", "AlignedMTL"),
-    "upgrad": ("upgrad", "UPGrad"),
-    "graddrop": ("graddrop", "GradDrop"),
-}
-_EXTRA_CLASSES = {"Static": "static"}
-
-
-def _class(module: str, name: str):
-    return getattr(importlib.import_module(f"kmtl.weighting.{module}"), name)
+#: The order `names()` lists the strategies in: loss level, then gradient level.
+_ORDER = (
+    "equal",
+    "uncertainty",
+    "dwa",
+    "gradnorm",
+    "rlw",
+    "famo",
+    "db_mtl",
+    "gls",
+    "pcgrad",
+    "cagrad",
+    "mgda",
+    "imtl",
+    "gradvac",
+    "nash_mtl",
+    "aligned_mtl",
+    "upgrad",
+    "graddrop",
+)
 
 
 def names() -> list[str]:
     """Returns the registered strategy names, in a stable order."""
-    return list(_REGISTRY)
+    registered = registry.names("weighting")
+    return [n for n in _ORDER if n in registered] + sorted(set(registered) - set(_ORDER))
 
 
 def get(identifier, **kwargs) -> Weighting:
     """Returns a weighting strategy.
 
     Args:
-        identifier: a registered name (see `names()`), a `Weighting`
-            instance (returned as is), or a serialized config dict.
+        identifier: a registered name (see `names()`; `-` and `_` are the
+            same, case is ignored), a `Weighting` instance (returned as is),
+            or a serialized config dict.
         **kwargs: constructor arguments when `identifier` is a name.
 
     Raises:
@@ -76,26 +92,38 @@ def get(identifier, **kwargs) -> Weighting:
         return obj
     if isinstance(identifier, str):
         key = identifier.lower().replace("-", "_")
-        if key not in _REGISTRY:
+        if key not in names():
             raise ValueError(
                 f"Unknown weighting strategy {identifier!r}. Known strategies: "
-                f"{', '.join(_REGISTRY)}. Received: weighting={identifier!r}"
+                f"{', '.join(names())}. Received: weighting={identifier!r}"
             )
-        return _class(*_REGISTRY[key])(**kwargs)
+        return registry.lookup("weighting", key)(**kwargs)
     raise ValueError(
         "`weighting` must be a strategy name, a kmtl.weighting.Weighting or a "
         f"config dict. Received: weighting={identifier!r} of type {type(identifier).__name__}"
     )
 
 
-def __getattr__(attr):
-    # Class access such as kmtl.weighting.PCGrad.
-    for module, cls in _REGISTRY.values():
-        if cls == attr:
-            return _class(module, cls)
-    if attr in _EXTRA_CLASSES:
-        return _class(_EXTRA_CLASSES[attr], attr)
-    raise AttributeError(f"module 'kmtl.weighting' has no attribute {attr!r}")
-
-
-__all__ = ["Weighting", "get", "names"] + [cls for _, cls in _REGISTRY.values()] + list(_EXTRA_CLASSES)
+__all__ = [
+    "DBMTL",
+    "DWA",
+    "FAMO",
+    "GLS",
+    "IMTL",
+    "MGDA",
+    "RLW",
+    "AlignedMTL",
+    "CAGrad",
+    "Equal",
+    "GradDrop",
+    "GradNorm",
+    "GradVac",
+    "NashMTL",
+    "PCGrad",
+    "Static",
+    "UPGrad",
+    "Uncertainty",
+    "Weighting",
+    "get",
+    "names",
+]

@@ -1,45 +1,47 @@
 """The contract shared by every weighting strategy.
 
 A weighting strategy decides how the per-task losses of a multi-task model
-become one parameter update. There are two families, both subclasses of
-`Weighting` (a `keras.layers.Layer`, so that its state lives in Keras
-variables, is saved in `.keras` files and checkpoints, and serializes):
+become one parameter update. It is a `keras.layers.Layer` (its state lives in
+Keras variables, so it is saved in `.keras` files and checkpoints, and it
+serializes), and its math is made of **pure functions**: they read the state
+they are given and return the state they would leave, and never assign a
+variable. The training step commits the new state only when the whole batch
+was finite (`commit`), so a rejected batch leaves the strategy untouched,
+and `aggregate(G)` can be called at any time without changing anything.
 
-* **Loss-level** strategies (`level == "loss"`) turn the vector of per-task
-  losses into one scalar in `combine`. The model then takes one ordinary
-  gradient of that scalar. Trainable state (e.g. the log-variances of
-  uncertainty weighting) is trained by the model's optimizer with the rest of
-  the model.
-* **Gradient-level** strategies (`level == "gradient"`) receive, for every
-  shared variable, the stacked per-task gradients (shape `[T, *var.shape]`)
-  and return the combined gradient for each variable (`combine_gradients`).
-  Task-specific variables (heads) always get their own task's gradient; the
-  model does that part. Most methods only need the `T x T` Gram matrix of the
-  task gradients: they implement `weights_from_gram` and inherit
-  `combine_gradients`, which computes the Gram matrix variable by variable
-  (no concatenation of all parameters) and returns `sum_t alpha_t g_t`.
+Two families:
 
-Every strategy also records the task weights it used last in the
-non-trainable variable `task_weights` (shape `[T]`); the model logs them as
-`weight_<task>` in the history.
+* **Loss level** (`level == "loss"`): `combine` turns the per-task losses
+  into one scalar. The model takes one gradient of it. The returned weights
+  are the derivative of the scalar with respect to each task loss, so the
+  update is `sum_t weights_t g_t` (and `aggregate(G)` is `G^T weights`).
+  Trainable state (uncertainty's log-variances) is trained by the model's
+  optimizer.
+* **Gradient level** (`level == "gradient"`): from the per-task gradients of
+  the shared variables (or of the shared representation) they return one
+  update. Most only need the `T x T` Gram matrix `K = G G^T` and return
+  weights `alpha` with update `G^T alpha` (`gram_based = True`, implement
+  `weights_from_gram`); the others implement `combine_gradients` on the
+  stacked gradients. Task-specific variables (heads) always get their own
+  task's gradient; the step does that part.
 
-Masks: `present` is a `[T]` boolean tensor, `False` for a task that has no
-labelled example in the batch. Such a task's loss is 0 and its gradient is
-zero. Strategies must give it weight 0 and must not let it change their
-state (loss histories, EMA targets, learned weights).
+Arguments of the pure functions:
 
-Tensors passed in are TensorFlow tensors inside a `tf.function`; the math
-should use `keras.ops` where it can, and must be graph-safe (no Python
-branching on tensor values) and free of host round-trips.
+* `losses`: `[T]` differentiable per-task losses of this replica (static
+  `loss_weights` applied). Under `tf.distribute` they are the replica's share:
+  their sum over replicas is the global batch's loss.
+* `values`: `[T]` the same losses for the whole global batch, without
+  gradient, identical on every replica. State updates and weights must be
+  computed from `values` (never from `losses`), so that all replicas agree.
+* `present`: `[T]` bool, False for a task without a labelled example in the
+  global batch. Such a task must get weight 0 and must not change the state.
+* `step`: scalar int64, the optimizer's iteration (0-based).
+* `state`: `{name: tensor}`, the current value of every state variable
+  (`self.state()`).
 
-Distribution: under `tf.distribute.MirroredStrategy` every replica runs the
-strategy. Gradient-level strategies receive gradients that are already
-summed over replicas, so every replica computes the same weights. Loss-level
-strategies receive the replica's own (differentiable) per-task losses, with
-the distribution scaling already undone; state that is updated from loss
-values must be updated from `self.synced(ops.stop_gradient(losses))` (the
-mean over replicas) so that every replica keeps the same state. Create state
-with `self.add_state(...)`, which makes variables that replicas may assign.
+Math uses `keras.ops` (no TensorFlow import), is graph-safe (no Python
+branching on tensor values, no host round-trips) and XLA-safe unless the
+class sets `jit_safe = False`.
 """
 
 from __future__ import annotations
@@ -49,54 +51,68 @@ from typing import Sequence
 import keras
 from keras import ops
 
+from kmtl.weighting import _checks
 
-@keras.saving.register_keras_serializable(package="kmtl")
+ENGINES = ("auto", "jacobian", "gram")
+
+
 class Weighting(keras.layers.Layer):
-    """Base class of kmtl's weighting strategies.
+    """Base class of kmtl's weighting strategies (see the module docstring).
 
-    Subclasses set the class attribute `level` to `"loss"` or `"gradient"`,
-    validate and store their constructor arguments, create their state in
-    `build_state` with `self.add_weight(...)`, and implement `combine`
-    (loss level) or `weights_from_gram` / `combine_gradients` (gradient
-    level). `get_config` must return every constructor argument.
+    Subclasses set `level`, validate and store their constructor arguments
+    (with `kmtl.weighting._checks`), create state in `build_state` with
+    `self.add_state(...)`, implement `combine` (loss level) or
+    `weights_from_gram` / `combine_gradients` (gradient level), and return
+    every constructor argument from `get_config`.
 
     Args:
-        update_every: gradient-level strategies only: recompute the task
-            weights every `update_every` steps and reuse the last weights in
-            between (the model then takes one ordinary backward pass of the
-            weighted loss on the other steps). 1 recomputes every step.
+        update_every: gradient level only: recompute the task weights every
+            `update_every` steps and reuse the last weights in between (those
+            steps take one ordinary backward pass of the weighted loss).
+        mode: gradient level only: `"parameters"` (per-task gradients of the
+            shared variables) or `"representation"` (of the shared features,
+            then one backward pass through the trunk). Default: the class's
+            `default_mode`.
+        engine: gradient level, parameters mode: how per-task gradients are
+            obtained. `"jacobian"` holds every task's gradient of every shared
+            variable at once (`T x P` floats); `"gram"` (Gram-based strategies
+            on chain trunks) accumulates the `T x T` Gram matrix stage by stage
+            and then takes one weighted backward pass, so its extra memory is
+            about `T x` the largest shared stage; `"auto"` picks `"gram"` where
+            it applies and is the faster or leaner path (see
+            `kmtl.backend.tensorflow.gram`).
         name: layer name.
     """
 
     level = "loss"
-    #: Gradient-level strategies that work from the Gram matrix alone set
-    #: this to True; the model may then use cheaper paths.
+    #: Gradient level: True if `weights_from_gram` is all the strategy needs.
     gram_based = False
-    #: Whether `combine_gradients` may be applied to gradients with respect to
-    #: the shared representation instead of the shared parameters.
+    #: Whether the strategy may combine representation gradients.
     supports_representation = True
     #: Gradient level: where per-task gradients are taken by default.
-    #: "parameters": w.r.t. the shared variables; "representation": w.r.t.
-    #: the shared features (then one backward pass through the trunk).
     default_mode = "parameters"
+    #: Whether the math compiles under XLA (`jit_compile=True`).
+    jit_safe = True
 
-    def __init__(self, update_every: int = 1, mode: str | None = None, **kwargs):
+    def __init__(self, update_every: int = 1, mode: str | None = None, engine: str = "auto", **kwargs):
         super().__init__(**kwargs)
-        if int(update_every) != update_every or update_every < 1:
-            raise ValueError(
-                f"`update_every` must be a positive integer. Received: update_every={update_every}"
-            )
+        self.update_every = _checks.positive_int(update_every, "update_every")
         if mode is None:
             mode = self.default_mode
-        if mode not in ("parameters", "representation"):
-            raise ValueError(f"`mode` must be 'parameters' or 'representation'. Received: mode={mode!r}")
+        _checks.choice(mode, "mode", ("parameters", "representation"))
         if mode == "representation" and not self.supports_representation:
             raise ValueError(
                 f"{type(self).__name__} cannot work on the shared representation. Received: mode={mode!r}"
             )
-        self.update_every = int(update_every)
         self.mode = mode
+        self.engine = _checks.choice(engine, "engine", ENGINES)
+        if engine == "gram" and self.level == "gradient" and not self.gram_based:
+            raise ValueError(
+                f"{type(self).__name__} needs the full per-task gradients, not only their Gram matrix. "
+                f"Received: engine={engine!r}"
+            )
         self.task_names: list[str] = []
+        self.state_names: list[str] = []
 
     # --- state -------------------------------------------------------------
     def build(self, task_names: Sequence[str]):
@@ -105,16 +121,24 @@ class Weighting(keras.layers.Layer):
         `task_names` is stored in the build config, so a reloaded model
         rebuilds the same state before its variables are restored.
         """
-        task_names = list(task_names)
-        if not task_names:
-            raise ValueError("A weighting strategy needs at least one task.")
+        task_names = _checks.task_names(task_names)
         self.task_names = task_names
+        self.state_names = []
         self.task_weights = self.add_state("task_weights", (len(task_names),), "ones")
         self.build_state(len(task_names))
+        self.built = True
 
-    def add_state(self, name, shape, initializer="zeros", dtype="float32"):
-        """Adds a non-trainable state variable that every replica may assign."""
-        return self.add_weight(
+    def get_build_config(self):
+        return {"task_names": list(self.task_names)}
+
+    def build_from_config(self, config):
+        self.build(config["task_names"])
+
+    def add_state(self, name: str, shape, initializer="zeros", dtype: str = "float32"):
+        """Adds a non-trainable state variable (identical on every replica)."""
+        if name in self.state_names:
+            raise ValueError(f"State {name!r} of {type(self).__name__} is defined twice.")
+        variable = self.add_weight(
             shape=shape,
             initializer=initializer,
             dtype=dtype,
@@ -122,100 +146,136 @@ class Weighting(keras.layers.Layer):
             aggregation="only_first_replica",
             name=name,
         )
-
-    def synced(self, x):
-        """Mean of `x` over replicas (identity outside a multi-replica step).
-
-        For state updates only: no gradient flows through it. The result is also recorded so that the training step can order this
-        collective before the optimizer's own all-reduce.
-        """
-        import tensorflow as tf
-
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1:
-            return x
-        # Not differentiable: the gradient of a collective is another collective.
-        result = tf.stop_gradient(ctx.all_reduce(tf.distribute.ReduceOp.MEAN, tf.stop_gradient(x)))
-        self.__dict__.setdefault("_collective_outputs", []).append(result)
-        return result
-
-    def pop_collective_outputs(self) -> list:
-        """Returns and forgets the outputs of `synced` since the last call."""
-        return self.__dict__.pop("_collective_outputs", [])
+        self.state_names.append(name)
+        return variable
 
     def build_state(self, num_tasks: int) -> None:
-        """Creates strategy-specific variables. Default: none."""
+        """Creates strategy-specific state with `add_state`. Default: none."""
+
+    def state_variables(self) -> dict:
+        """`{name: variable}` of every state variable (not the trainable ones)."""
+        return {name: getattr(self, name) for name in self.state_names}
+
+    def state(self) -> dict:
+        """`{name: tensor}`: the current value of every state variable."""
+        return {name: ops.convert_to_tensor(v) for name, v in self.state_variables().items()}
+
+    def commit(self, new_state: dict, accept=None) -> None:
+        """Assigns `new_state` (a subset of the state names) to the variables.
+
+        Args:
+            new_state: `{name: tensor}` as returned by the pure functions.
+            accept: optional scalar bool tensor; where it is False every
+                variable keeps its value (the step passes "the batch was
+                finite").
+
+        Raises:
+            KeyError: for a name that is not a state variable.
+        """
+        variables = self.state_variables()
+        for name, value in new_state.items():
+            if name not in variables:
+                raise KeyError(
+                    f"{type(self).__name__} has no state {name!r}; its state is {sorted(variables)}."
+                )
+            variable = variables[name]
+            value = ops.cast(value, variable.dtype)
+            if accept is not None:
+                value = ops.where(accept, value, variable)
+            variable.assign(value)
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
 
-    # --- loss level ----------------------------------------------------------
-    def combine(self, losses, present, step):
-        """Returns the scalar training loss from per-task losses.
+    # --- loss level --------------------------------------------------------
+    def combine(self, losses, values, present, step, state):
+        """Loss level: `(total, weights, new_state)` from per-task losses.
 
-        Args:
-            losses: `[T]` float tensor of (unweighted) per-task losses.
-            present: `[T]` bool tensor, False for tasks without labels.
-            step: scalar int tensor, the optimizer iteration (0-based).
+        `total` is the scalar to differentiate, `weights` the `[T]`
+        derivatives `d total / d losses` (no gradient), `new_state` the state
+        after this step (only the entries that change).
         """
-        raise NotImplementedError(
-            f"{type(self).__name__} is a {self.level}-level strategy and has no `combine`."
-        )
+        raise NotImplementedError(f"{type(self).__name__} is a gradient-level strategy: it has no `combine`.")
 
-    # --- gradient level ------------------------------------------------------
-    def weights_from_gram(self, gram, losses, present, step):
-        """Returns `[T]` weights `alpha` such that the update is `G^T alpha`.
+    # --- gradient level ----------------------------------------------------
+    def weights_from_gram(self, gram, values, present, step, state):
+        """Gradient level, Gram-based: `(alpha, new_state)` from the `[T, T]` Gram matrix."""
+        raise NotImplementedError(f"{type(self).__name__} does not work from the Gram matrix alone.")
 
-        Args:
-            gram: `[T, T]` Gram matrix `G G^T` of the task gradients.
-            losses: `[T]` per-task losses (for methods that use them).
-            present: `[T]` bool mask of tasks with labels in this batch.
-            step: scalar int tensor, the optimizer iteration.
-        """
-        raise NotImplementedError
-
-    def combine_gradients(self, grads, losses, present, step):
-        """Combines stacked per-task gradients into one gradient per variable.
+    def combine_gradients(self, grads, values, present, step, state):
+        """Gradient level: `(combined, alpha, new_state)` from stacked per-task gradients.
 
         Args:
             grads: list over shared variables (or representation tensors) of
-                tensors of shape `[T, *shape]`.
-            losses, present, step: as in `weights_from_gram`.
+                `[T, *shape]` tensors.
 
         Returns:
-            A list of tensors of shape `shape`, one per entry of `grads`.
+            `combined`: one tensor of `shape` per entry of `grads`; `alpha`:
+            `[T]` effective task weights (logged); `new_state`.
+
+        The default (Gram-based strategies) computes the Gram matrix variable
+        by variable, calls `weights_from_gram` and returns `sum_t alpha_t g_t`.
         """
-        num_tasks = ops.shape(grads[0])[0]
-        gram = None
-        for g in grads:
-            flat = ops.reshape(g, (num_tasks, -1))
-            part = ops.matmul(flat, ops.transpose(flat))
-            gram = part if gram is None else gram + part
-        alpha = self.weights_from_gram(gram, losses, present, step)
-        self.task_weights.assign(ops.cast(alpha, self.task_weights.dtype))
-        return [ops.tensordot(ops.cast(alpha, g.dtype), g, axes=1) for g in grads]
+        alpha, new_state = self.weights_from_gram(gram_matrix(grads), values, present, step, state)
+        return combine_with(alpha, grads), alpha, new_state
 
-    def aggregate(self, G):
-        """Pure function form: `[T, D]` task gradients -> `[D]` update.
+    # --- pure function form ------------------------------------------------
+    def aggregate(self, G, losses=None, present=None, step: int = 0):
+        """Matrix in, vector out: `[T, D]` task gradients -> `[D]` update.
 
-        Uses no labels mask (all tasks present) and step 0. Builds the state
-        for `T` anonymous tasks if the strategy has not been built yet.
+        Pure: uses the current state (a fresh one if the strategy is not
+        built yet, without building it) and changes nothing. `losses`
+        default to ones, `present` to all tasks, `step` to 0. For loss-level
+        strategies the update is `G^T weights` with the weights `combine`
+        gives for `losses`.
         """
         G = ops.convert_to_tensor(G)
+        if len(G.shape) != 2:
+            raise ValueError(f"`G` must be a [num_tasks, dim] matrix. Received: shape={tuple(G.shape)}")
         num_tasks = int(G.shape[0])
+        strategy = self
         if not self.built:
-            self.build([f"task_{i}" for i in range(num_tasks)])
-        present = ops.ones((num_tasks,), dtype="bool")
-        losses = ops.ones((num_tasks,), dtype=G.dtype)
-        step = ops.convert_to_tensor(0, dtype="int64")
-        return self.combine_gradients([G], losses, present, step)[0]
+            strategy = type(self).from_config(self.get_config())
+            strategy.build([f"task_{i}" for i in range(num_tasks)])
+        if strategy.num_tasks != num_tasks:
+            raise ValueError(
+                f"{type(self).__name__} was built for {strategy.num_tasks} tasks. "
+                f"Received: G with {num_tasks} rows"
+            )
+        values = ops.ones((num_tasks,), G.dtype) if losses is None else ops.cast(losses, G.dtype)
+        present = ops.ones((num_tasks,), "bool") if present is None else ops.cast(present, "bool")
+        step = ops.convert_to_tensor(step, dtype="int64")
+        state = strategy.state()
+        if strategy.level == "loss":
+            _, weights, _ = strategy.combine(values, values, present, step, state)
+            return combine_with(weights, [G])[0]
+        combined, _, _ = strategy.combine_gradients([G], values, present, step, state)
+        return combined[0]
 
-    # --- hooks ---------------------------------------------------------------
+    # --- hooks -------------------------------------------------------------
     def on_epoch_end(self, epoch: int) -> None:
         """Called eagerly at the end of every training epoch (e.g. DWA)."""
 
     def get_config(self):
         config = super().get_config()
-        config.update({"update_every": self.update_every, "mode": self.mode})
+        config.update({"update_every": self.update_every, "mode": self.mode, "engine": self.engine})
         return config
+
+
+def gram_matrix(grads):
+    """`[T, T]` Gram matrix of stacked per-task gradients, summed variable by variable."""
+    gram = None
+    for g in grads:
+        flat = ops.reshape(g, (ops.shape(g)[0], -1))
+        part = ops.matmul(flat, ops.transpose(flat))
+        gram = part if gram is None else gram + part
+    return gram
+
+
+def combine_with(alpha, grads):
+    """`[sum_t alpha_t g_t for g in grads]`."""
+    return [ops.tensordot(ops.cast(alpha, g.dtype), g, axes=1) for g in grads]
+
+
+__all__ = ["ENGINES", "Weighting", "combine_with", "gram_matrix"]

@@ -6,16 +6,17 @@ change during training; they keep no state besides `task_weights`.
 
 from __future__ import annotations
 
-import math
 from typing import Mapping, Sequence
 
 import keras
 from keras import ops
 
+from kmtl.registry import register
+from kmtl.weighting import _checks
 from kmtl.weighting.base import Weighting
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "equal")
 class Equal(Weighting):
     """Equal weighting: the plain sum of the per-task losses.
 
@@ -29,21 +30,17 @@ class Equal(Weighting):
 
     Example:
 
-    >>> import keras
+    >>> import numpy as np
     >>> from kmtl.weighting import Equal
-    >>> strategy = Equal()
-    >>> strategy.build(["digit", "parity"])
-    >>> float(strategy.combine(keras.ops.array([0.5, 2.0]),
-    ...                        keras.ops.array([True, True]), 0))
-    2.5
+    >>> Equal().aggregate(np.array([[1.0, 0.0], [0.0, 2.0]])).numpy()
+    array([1., 2.])
     """
 
     level = "loss"
 
-    def combine(self, losses, present, step):
+    def combine(self, losses, values, present, step, state):
         weights = ops.cast(present, losses.dtype)
-        self.task_weights.assign(ops.cast(weights, self.task_weights.dtype))
-        return ops.sum(weights * losses)
+        return ops.sum(weights * losses), weights, {}
 
 
 @keras.saving.register_keras_serializable(package="kmtl")
@@ -67,13 +64,10 @@ class Static(Weighting):
 
     Example:
 
-    >>> import keras
+    >>> import numpy as np
     >>> from kmtl.weighting import Static
-    >>> strategy = Static(weights={"digit": 1.0, "parity": 0.5})
-    >>> strategy.build(["digit", "parity"])
-    >>> float(strategy.combine(keras.ops.array([0.5, 2.0]),
-    ...                        keras.ops.array([True, True]), 0))
-    1.5
+    >>> Static(weights=[1.0, 0.5]).aggregate(np.array([[1.0, 0.0], [0.0, 2.0]])).numpy()
+    array([1., 1.])
     """
 
     level = "loss"
@@ -103,12 +97,7 @@ class Static(Weighting):
 
     @staticmethod
     def _check_weight(value, argument: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"`{argument}` must be a number. Received: {argument}={value!r}")
-        value = float(value)
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"`{argument}` must be finite and >= 0. Received: {argument}={value!r}")
-        return value
+        return _checks.number(value, argument, low=0.0)
 
     def build_state(self, num_tasks: int) -> None:
         spec = self.weights_spec
@@ -129,11 +118,10 @@ class Static(Weighting):
                 )
             self._values = list(spec)
 
-    def combine(self, losses, present, step):
+    def combine(self, losses, values, present, step, state):
         weights = ops.convert_to_tensor(self._values, dtype=losses.dtype)
         weights = weights * ops.cast(present, losses.dtype)
-        self.task_weights.assign(ops.cast(weights, self.task_weights.dtype))
-        return ops.sum(weights * losses)
+        return ops.sum(weights * losses), weights, {}
 
     def get_config(self):
         base_config = super().get_config()
