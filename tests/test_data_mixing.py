@@ -204,6 +204,50 @@ def test_clear_errors(datasets, kwargs, error, match):
         mix(datasets, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "sizes, match",
+    [
+        ({"digit": -5}, r"`sizes\['digit'\]` must be a positive integer.*Received: sizes\['digit'\]=-5$"),
+        ({"digit": 0}, r"Received: sizes\['digit'\]=0$"),
+        ({"digit": float("nan")}, r"Received: sizes\['digit'\]=nan$"),
+        ({"digit": np.float64("nan")}, r"Received: sizes\['digit'\]=.*nan\)?$"),
+        ({"digit": 2.5}, r"Received: sizes\['digit'\]=2.5$"),
+        ({"digit": 800.0}, r"Received: sizes\['digit'\]=800.0$"),
+        ({"digit": "800"}, r"Received: sizes\['digit'\]='800'$"),
+        ({"digit": True}, r"Received: sizes\['digit'\]=True$"),
+        ({"digit": None}, r"Received: sizes\['digit'\]=None$"),
+        (
+            {"digit": 800, "colour": 5},
+            r"only name tasks.*\['digit', 'item'\].*Received: unknown task\(s\) \['colour'\]",
+        ),
+        ([("digit", 800)], r"must be a dict.*Received: sizes=\[\('digit', 800\)\]$"),
+    ],
+)
+@pytest.mark.parametrize("sampler", ["uniform", "proportional"])
+def test_bad_sizes_are_clear_errors(sizes, match, sampler):
+    # Checked whether or not the sampler needs the sizes (uniform with a given epoch length does not).
+    with pytest.raises(ValueError, match=match):
+        mix(two_tasks(), sampler, batch_size=10, epoch_length=100, sizes=sizes)
+
+
+def test_valid_sizes_replace_the_cardinality():
+    stream = mix(two_tasks(), "proportional", batch_size=100, sizes={"digit": np.int64(200), "item": 200})
+    assert int(stream.cardinality()) == 4  # epoch length 400 = the sizes given, not 1000
+    _, _, _, mask = collect(stream)
+    assert mask["digit"].size == 400
+
+
+@pytest.mark.parametrize("temperature", [True, float("nan"), -1.0, "2"])
+def test_bad_temperatures_are_clear_errors(temperature):
+    with pytest.raises(ValueError, match=r"Received: temperature="):
+        mix(two_tasks(), "proportional", batch_size=10, temperature=temperature)
+
+
+def test_numpy_float_temperature_is_accepted():
+    stream = mix(two_tasks(), "proportional", batch_size=100, temperature=np.float32(2.0))
+    assert int(stream.cardinality()) == 10
+
+
 def test_unknown_cardinality_works_with_sizes_or_epoch_length():
     unknown = {
         "digit": task_dataset("digit", 5, 1.0).filter(lambda x, y: True),

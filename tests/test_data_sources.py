@@ -1,5 +1,6 @@
 """Tests for kmtl.data.sources: data_dir, load_arrays (local, tfds, digits, auto), splits, cache."""
 
+import gzip
 import socket
 from pathlib import Path
 
@@ -209,6 +210,42 @@ def test_images_file_with_wrong_rank(tmp_path):
     write_idx(tmp_path / "mnist" / "train-images-idx3-ubyte.gz", np.zeros((2, 784), np.uint8))
     write_idx(tmp_path / "mnist" / "train-labels-idx1-ubyte.gz", np.zeros(2, np.uint8))
     with pytest.raises(IDXError, match=r"images \[N, H, W\]. Received: dtype=uint8, shape=\(2, 784\)"):
+        load_arrays("mnist", source="local", data_dir=tmp_path)
+
+
+@pytest.mark.parametrize("source", ["local", "auto"])
+def test_directory_in_place_of_the_images_file_is_named(tmp_path, source):
+    _write_mnist_like(tmp_path)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(IsADirectoryError) as info:
+        load_arrays("mnist", "train", source=source, data_dir=tmp_path)
+    message = str(info.value)
+    assert f"{str(path)!r} is a directory, not a file" in message
+    assert message.endswith(f"Received: a directory at {str(path)!r}")
+
+
+def test_directory_beside_an_uncompressed_file_is_ignored(tmp_path):
+    images, _ = _write_mnist_like(tmp_path, gz=False)
+    (tmp_path / "mnist" / "train-images-idx3-ubyte.gz").mkdir()
+    np.testing.assert_array_equal(load_arrays("mnist", source="local", data_dir=tmp_path)[0], images)
+
+
+def test_gzip_file_inflating_past_its_header_names_the_file(tmp_path):
+    _write_mnist_like(tmp_path, num=2)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte.gz"
+    # A header declaring 2 images, followed by 1,000 of them.
+    path.write_bytes(
+        gzip.compress(
+            b"\x00\x00\x08\x03" + b"".join(n.to_bytes(4, "big") for n in (2, 28, 28)) + bytes(1000 * 784)
+        )
+    )
+    with pytest.raises(
+        IDXError,
+        match=r"train-images-idx3-ubyte.gz' is longer than its header says.*"
+        r"Received: more than 1568 payload bytes$",
+    ):
         load_arrays("mnist", source="local", data_dir=tmp_path)
 
 

@@ -8,6 +8,10 @@
   `(image, {task: label})` with labels derived from one image set.
 - `task_heads`, `available_tasks`, `input_shape`, `class_names`: what a
   model for those pipelines needs.
+- `multi_mnist` / `multi_mnist_arrays`: MultiMNIST, MultiFashion and
+  Multi-(Fashion+MNIST), two objects per image (module `kmtl.data.recipes`).
+- `mix({task: dataset})`: single-task datasets mixed into masked
+  multi-task batches.
 
 Example:
 
@@ -16,10 +20,10 @@ Example:
 >>> heads = kmtl.data.task_heads("mnist", ["digit", "parity"])
 """
 
-from kmtl.data import emnist
+from kmtl.data import emnist, recipes
 from kmtl.data.idx import IDXError, read_idx, write_idx
 from kmtl.data.mixing import mix
-from kmtl.data.multi_mnist import multi_mnist, multi_mnist_arrays
+from kmtl.data.recipes import multi_mnist, multi_mnist_arrays
 from kmtl.data.sources import DATASETS, SOURCES, clear_cache, data_dir, load_arrays, parse_split
 from kmtl.data.task_specs import (
     FASHION_MNIST_CLASSES,
@@ -55,6 +59,7 @@ __all__ = [
     "multi_mnist_arrays",
     "parse_split",
     "read_idx",
+    "recipes",
     "task_dataset",
     "task_heads",
     "write_idx",

@@ -7,12 +7,26 @@ the values in C order. The official files are distributed gzipped.
 `read_idx` checks every part of that layout and raises `IDXError` (a
 `ValueError`) naming the file and what was wrong, so that a truncated
 download or a file of the wrong kind never turns into silently wrong arrays.
+
+Memory is bounded by the size the header declares: the header is read
+first, a declared size the file cannot possibly hold is refused before
+anything is allocated (a raw file must be exactly header + payload long; a
+gzip file cannot inflate to more than about 1032 times its size, deflate's
+maximum ratio), the output array is allocated once at the declared size and
+filled in chunks of at most 1 MiB, and decompression stops as soon as the
+data goes past the declared size. A small gzip file that inflates to
+gigabytes (a "gzip bomb") is therefore rejected after a few MiB of work.
+
+This module needs only NumPy and the standard library (not TensorFlow), so
+it can also be loaded on its own by file path.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import stat
+import sys
 import zlib
 from pathlib import Path
 
@@ -21,6 +35,13 @@ import numpy as np
 __all__ = ["IDXError", "read_idx", "write_idx"]
 
 _GZIP_MAGIC = b"\x1f\x8b"
+# Bytes read from the file, and bytes inflated, per step.
+_CHUNK = 1 << 20
+# Deflate codes a 258-byte match in at least 2 bits (a 1-bit length code and
+# a 1-bit distance code), so no deflate stream inflates more than 1032-fold.
+_MAX_DEFLATE_RATIO = 1032
+# Gzip header and trailer (at least 18 bytes) and block headers, with margin.
+_GZIP_SLACK = 1024
 
 # IDX type byte -> (numpy dtype as stored, name). Stored values are big-endian.
 _TYPES = {
@@ -40,32 +61,172 @@ class IDXError(ValueError):
     """
 
 
-def _read_bytes(path: Path) -> bytes:
-    with open(path, "rb") as handle:
-        raw = handle.read()
-    if raw[:2] == _GZIP_MAGIC:
-        try:
-            return gzip.decompress(raw)
-        except (EOFError, OSError, zlib.error) as error:
+class _RawStream:
+    """The bytes of an uncompressed file, read on demand."""
+
+    def __init__(self, handle, prefix: bytes):
+        self._handle = handle
+        self._prefix = prefix  # bytes already read to sniff the gzip magic
+
+    def read(self, size: int) -> bytes:
+        """Returns `size` bytes, fewer only at the end of the file."""
+        head, self._prefix = self._prefix[:size], self._prefix[size:]
+        if len(head) == size:
+            return head
+        return head + self._handle.read(size - len(head))
+
+    def readinto(self, view: memoryview) -> int:
+        """Fills `view` as far as the file goes; returns the bytes written."""
+        filled = 0
+        while filled < len(view):
+            if self._prefix:
+                part = self.read(min(len(view) - filled, len(self._prefix)))
+                view[filled : filled + len(part)] = part
+                filled += len(part)
+                continue
+            count = self._handle.readinto(view[filled : filled + _CHUNK])
+            if not count:
+                break
+            filled += count
+        return filled
+
+    def more(self) -> bool:
+        """Whether bytes follow the payload; reads at most one."""
+        return bool(self.read(1))
+
+
+class _GzipStream:
+    """The inflated bytes of one gzip member, produced on demand in bounded chunks."""
+
+    def __init__(self, handle, prefix: bytes, where: str):
+        self._handle = handle
+        self._where = where
+        self._input = prefix  # compressed bytes read but not yet consumed
+        self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip wrapper, checks CRC and size
+
+    def _corrupt(self, error: Exception) -> IDXError:
+        return IDXError(
+            f"{self._where} is a corrupt or truncated gzip stream; download it again. "
+            f"Received: {type(error).__name__}: {error}"
+        )
+
+    def _inflate(self, limit: int) -> bytes:
+        """Up to `limit` (> 0) inflated bytes; `b""` only at the end of the member."""
+        while not self._inflater.eof:
+            if not self._input:
+                self._input = self._handle.read(_CHUNK)
+                if not self._input:
+                    raise self._corrupt(
+                        EOFError("Compressed file ended before the end-of-stream marker was reached")
+                    )
+            try:
+                out = self._inflater.decompress(self._input, limit)
+            except zlib.error as error:
+                raise self._corrupt(error) from None
+            self._input = self._inflater.unconsumed_tail
+            if out:
+                return out
+        return b""
+
+    def read(self, size: int) -> bytes:
+        """Returns `size` inflated bytes, fewer only at the end of the member."""
+        parts, remaining = [], size
+        while remaining > 0:
+            part = self._inflate(min(remaining, _CHUNK))
+            if not part:
+                break
+            parts.append(part)
+            remaining -= len(part)
+        return b"".join(parts)
+
+    def readinto(self, view: memoryview) -> int:
+        """Fills `view` as far as the member goes; returns the bytes written."""
+        filled = 0
+        while filled < len(view):
+            part = self._inflate(min(len(view) - filled, _CHUNK))
+            if not part:
+                break
+            view[filled : filled + len(part)] = part
+            filled += len(part)
+        return filled
+
+    def more(self) -> bool:
+        """Whether inflated bytes follow the payload; inflates at most one.
+
+        Raises:
+            IDXError: for a corrupt or truncated end of the member, trailing
+                bytes after it, or a second gzip member.
+        """
+        if self._inflate(1):
+            return True  # how much more is not worth inflating to find out
+        extra = self._inflater.unused_data[:4] + self._handle.read(4)
+        if extra:
+            if extra[:2] == _GZIP_MAGIC:
+                problem = "holds a second gzip member after the first (only one is read)"
+            else:
+                problem = "has trailing bytes after the end of its gzip stream"
             raise IDXError(
-                f"IDX file {str(path)!r} is a corrupt or truncated gzip stream; "
-                f"download it again. Received: {type(error).__name__}: {error}"
-            ) from None
+                f"{self._where} {problem}; the file is corrupt or not a single IDX file. "
+                f"Received: bytes {extra[:4].hex(' ')!r} after the gzip stream"
+            )
+        return False
+
+
+def _open_stream(handle, path: Path, where: str):
+    prefix = handle.read(2)
+    if prefix == _GZIP_MAGIC:
+        return _GzipStream(handle, prefix, where), True
     if path.name.endswith(".gz"):
         raise IDXError(
-            f"IDX file {str(path)!r} has a .gz name but is not gzip data (a gzip "
-            f"stream starts with bytes 1f 8b). Received: first bytes {raw[:4].hex(' ')!r}"
+            f"{where} has a .gz name but is not gzip data (a gzip stream starts with bytes "
+            f"1f 8b). Received: first bytes {(prefix + handle.read(2)).hex(' ')!r}"
         )
-    return raw
+    return _RawStream(handle, prefix), False
+
+
+def _read_header(stream, where: str) -> tuple[np.dtype, tuple[int, ...], int]:
+    """Returns `(stored dtype, dims, header size)` after checking the header."""
+    magic = stream.read(4)
+    if len(magic) < 4:
+        raise IDXError(
+            f"{where} is too short to hold the 4-byte IDX magic number. Received: {len(magic)} bytes"
+        )
+    if magic[0] != 0 or magic[1] != 0:
+        raise IDXError(
+            f"{where} does not start with the IDX magic (two zero bytes, type, ndim); "
+            f"it is not an IDX file. Received: first bytes {magic.hex(' ')!r}"
+        )
+    type_code, ndim = magic[2], magic[3]
+    if type_code not in _TYPES:
+        known = ", ".join(f"0x{code:02X} ({name})" for code, (_, name) in _TYPES.items())
+        raise IDXError(
+            f"{where} has an unknown IDX type byte; expected one of {known}. "
+            f"Received: type byte 0x{type_code:02X}"
+        )
+    if ndim == 0:
+        raise IDXError(f"{where} declares zero dimensions. Received: ndim=0")
+    header = 4 + 4 * ndim
+    sizes = stream.read(4 * ndim)
+    if len(sizes) < 4 * ndim:
+        raise IDXError(
+            f"{where} is truncated inside its header: {ndim} dimensions need "
+            f"{header} header bytes. Received: {4 + len(sizes)} bytes"
+        )
+    dims = tuple(int.from_bytes(sizes[4 * i : 4 * i + 4], "big") for i in range(ndim))
+    return _TYPES[type_code][0], dims, header
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file, gzipped or raw, into a NumPy array.
 
-    Gzip is detected from the content (files named `*.gz` must be gzip). All
-    IDX value types are accepted (unsigned byte is the one used by MNIST,
-    Fashion-MNIST and EMNIST); multi-byte values are converted to native
-    byte order.
+    Gzip is detected from the content (files named `*.gz` must be gzip) and
+    the file must hold exactly one gzip member. All IDX value types are
+    accepted (unsigned byte is the one used by MNIST, Fashion-MNIST and
+    EMNIST); multi-byte values are converted to native byte order.
+
+    Memory stays within about 2 MiB of the payload size the header declares
+    (see the module docstring): sizes the file cannot hold are refused
+    before allocating, and decompression stops where the payload should end.
 
     Args:
         path: path of the file, e.g. `".../train-images-idx3-ubyte.gz"`.
@@ -76,10 +237,13 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
     Raises:
         FileNotFoundError: if `path` does not exist.
-        IDXError: if the gzip stream is corrupt or truncated, the magic
-            number is wrong, the type byte is unknown, the header is cut
-            short, or the payload is shorter or longer than the dimensions
-            say. The message names the file.
+        IsADirectoryError: if `path` is a directory.
+        IDXError: if the gzip stream is corrupt or truncated or is followed
+            by trailing bytes or a second gzip member, the magic number is
+            wrong, the type byte is unknown, the header is cut short, the
+            dimensions multiply to more bytes than any array can hold or
+            than the file could contain, or the payload is shorter or
+            longer than the dimensions say. The message names the file.
 
     Example:
 
@@ -88,46 +252,58 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     ((10000, 28, 28), dtype('uint8'))
     """
     path = Path(path)
-    data = _read_bytes(path)
     where = f"IDX file {str(path)!r}"
-    if len(data) < 4:
-        raise IDXError(
-            f"{where} is too short to hold the 4-byte IDX magic number. Received: {len(data)} bytes"
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"{where} is a directory, not a file; put the IDX file at that path instead. "
+            f"Received: a directory at {str(path)!r}"
         )
-    if data[0] != 0 or data[1] != 0:
-        raise IDXError(
-            f"{where} does not start with the IDX magic (two zero bytes, type, ndim); "
-            f"it is not an IDX file. Received: first bytes {data[:4].hex(' ')!r}"
-        )
-    type_code, ndim = data[2], data[3]
-    if type_code not in _TYPES:
-        known = ", ".join(f"0x{code:02X} ({name})" for code, (_, name) in _TYPES.items())
-        raise IDXError(
-            f"{where} has an unknown IDX type byte; expected one of {known}. "
-            f"Received: type byte 0x{type_code:02X}"
-        )
-    if ndim == 0:
-        raise IDXError(f"{where} declares zero dimensions. Received: ndim=0")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise IDXError(
-            f"{where} is truncated inside its header: {ndim} dimensions need "
-            f"{header} header bytes. Received: {len(data)} bytes"
-        )
-    dims = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    dtype, _ = _TYPES[type_code]
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    payload = len(data) - header
-    if payload != expected:
-        problem = "truncated" if payload < expected else "longer than its header says"
-        raise IDXError(
-            f"{where} is {problem}: dimensions {dims} of {dtype.itemsize}-byte values need "
-            f"{expected} payload bytes. Received: {payload} payload bytes"
-        )
-    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    if dtype.byteorder == ">":
-        array = array.astype(dtype.newbyteorder("="))
-        array.setflags(write=False)
+    with open(path, "rb") as handle:
+        status = os.fstat(handle.fileno())
+        file_size = status.st_size if stat.S_ISREG(status.st_mode) else None  # None: pipe, device
+        stream, gzipped = _open_stream(handle, path, where)
+        dtype, dims, header = _read_header(stream, where)
+        count = 1
+        for size in dims:
+            count *= size
+        expected = count * dtype.itemsize
+        described = f"dimensions {dims} of {dtype.itemsize}-byte values need {expected} payload bytes"
+        if expected > sys.maxsize:
+            raise IDXError(
+                f"{where} has a corrupt header: the product of its dimensions overflows, {described}, "
+                f"more than the {sys.maxsize} bytes any array can hold. Received: dims={dims}"
+            )
+        if file_size is not None and not gzipped and file_size - header != expected:
+            problem = "truncated" if file_size - header < expected else "longer than its header says"
+            raise IDXError(f"{where} is {problem}: {described}. Received: {file_size - header} payload bytes")
+        if file_size is not None and gzipped:
+            limit = _MAX_DEFLATE_RATIO * file_size + _GZIP_SLACK
+            if header + expected > limit:
+                raise IDXError(
+                    f"{where} has a corrupt header or is truncated: {described}, but a gzip file of "
+                    f"{file_size} bytes inflates to at most about {limit} bytes (deflate's maximum "
+                    f"ratio is about {_MAX_DEFLATE_RATIO}:1). Received: {file_size} gzip bytes"
+                )
+        native = dtype.newbyteorder("=")
+        try:
+            array = np.empty(dims, native)
+        except MemoryError:
+            raise IDXError(
+                f"{where} declares more data than fits in memory: {described}. Received: dims={dims}"
+            ) from None
+        with memoryview(array.reshape(-1).view(np.uint8)) as view:
+            filled = stream.readinto(view)
+        if filled < expected:
+            stream.more()  # a second gzip member or trailing bytes explain it better, if any
+            raise IDXError(f"{where} is truncated: {described}. Received: {filled} payload bytes")
+        if stream.more():
+            raise IDXError(
+                f"{where} is longer than its header says: {described}. "
+                f"Received: more than {expected} payload bytes"
+            )
+    if dtype.byteorder == ">":  # stored big-endian, not the native order
+        array.byteswap(inplace=True)
+    array.setflags(write=False)
     return array
 
 

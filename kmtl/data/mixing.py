@@ -44,6 +44,7 @@ References:
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Mapping
 
 import numpy as np
@@ -88,9 +89,32 @@ def _check_dataset(task, dataset):
     return x_spec, labels[task]
 
 
+def _check_sizes(sizes, tasks) -> dict[str, int] | None:
+    """Returns `sizes` as `{task: int}` after checking its keys and values, or raises."""
+    if sizes is None:
+        return None
+    if not isinstance(sizes, Mapping):
+        raise ValueError(f"`sizes` must be a dict `{{task: number of examples}}`. Received: sizes={sizes!r}")
+    unknown = [task for task in sizes if task not in tasks]
+    if unknown:
+        raise ValueError(
+            f"`sizes` may only name tasks of `datasets` ({tasks}). Received: unknown task(s) {unknown} "
+            f"in sizes={dict(sizes)!r}"
+        )
+    checked = {}
+    for task, size in sizes.items():
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+            raise ValueError(
+                f"`sizes[{task!r}]` must be a positive integer, the number of examples of task "
+                f"{task!r}. Received: sizes[{task!r}]={size!r}"
+            )
+        checked[task] = int(size)
+    return checked
+
+
 def _dataset_size(task, dataset, sizes) -> int:
     if sizes is not None and task in sizes:
-        return int(sizes[task])
+        return sizes[task]
     count = int(dataset.cardinality())
     if count < 0:
         raise ValueError(
@@ -175,9 +199,10 @@ def mix(
             example's input under its own task and zeros under the others
             (for task-routed models whose inputs are keyed by task name);
             needed when the tasks' inputs differ in shape or dtype.
-        sizes: `{task: number of examples}` for datasets whose cardinality
-            is unknown (needed by the default epoch length and the size-based
-            samplers).
+        sizes: `{task: number of examples}` (positive integers, keys among
+            the tasks of `datasets`) for datasets whose cardinality is
+            unknown (needed by the default epoch length and the size-based
+            samplers); a size given here is used instead of the cardinality.
 
     Returns:
         A `tf.data.Dataset` of `(x, {task: y}, {task: mask})` batches, masks
@@ -186,7 +211,9 @@ def mix(
     Raises:
         ValueError: an empty dict, a dataset whose label key is not its task,
             a batched dataset, an unknown sampler, inputs that differ while
-            `routed=False`, or a bad numeric argument.
+            `routed=False`, a bad numeric argument, or `sizes` that is not a
+            dict, names an unknown task or holds a value that is not a
+            positive integer (0, negative, NaN, a float, a bool).
         TypeError: a value that is not a `tf.data.Dataset`.
 
     Example:
@@ -218,13 +245,19 @@ def mix(
         raise ValueError(f"`seed` must be a non-negative integer. Received: seed={seed!r}")
     if temperature is None:
         temperature = _DEFAULT_TEMPERATURE.get(sampler, 1.0)
-    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+    if not (
+        isinstance(temperature, numbers.Real)
+        and not isinstance(temperature, bool)
+        and math.isfinite(temperature)
+        and temperature > 0
+    ):
         raise ValueError(
             f"`temperature` must be a positive finite number. Received: temperature={temperature!r}"
         )
     if sampler == "annealed":
         num_epochs = _positive_int(num_epochs, "num_epochs")
     tasks = list(datasets)
+    sizes = _check_sizes(sizes, tasks)
     specs = {task: _check_dataset(task, datasets[task]) for task in tasks}
     if not routed:
         first = tasks[0]

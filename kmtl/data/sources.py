@@ -20,7 +20,8 @@ Sources:
   `emnist/<split_name>`), downloading and preparing the data if needed.
   `tfds_data_dir` (default: tfds's own, `$TFDS_DATA_DIR` or
   `~/tensorflow_datasets`) says where tfds keeps it.
-- `"auto"`: local files when both files of the split are present; otherwise
+- `"auto"`: local files when both files of the split are present (a
+  directory under a file's name counts, and is reported as such); otherwise
   tfds, but only if the dataset is already prepared in the tfds data
   directory (no download is attempted, so `auto` fails fast when offline);
   otherwise `FileNotFoundError` saying what was looked for and where.
@@ -173,6 +174,10 @@ def _find_local(dataset: str, split: str, root: Path) -> list[Path] | None:
         candidates = [folder / name, folder / name[: -len(".gz")]]
         path = next((candidate for candidate in candidates if candidate.is_file()), None)
         if path is None:
+            # A directory under the file's name is taken, so that `read_idx` reports it as a
+            # directory (IsADirectoryError) instead of the file being called missing.
+            path = next((candidate for candidate in candidates if candidate.is_dir()), None)
+        if path is None:
             return None
         found.append(path)
     return found
@@ -321,7 +326,10 @@ def load_arrays(
         FileNotFoundError: when the local files are missing (and, for
             `"auto"`, tfds has not prepared the dataset); the message says
             which files were looked for, where, and how to get them.
-        kmtl.data.IDXError: for corrupt, truncated or malformed files.
+        IsADirectoryError: when a directory stands where a local file
+            should be (for `"auto"` too); the message names it.
+        kmtl.data.IDXError: for corrupt, truncated or malformed files
+            (including a gzip file that inflates past its declared size).
 
     Example:
 

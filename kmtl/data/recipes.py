@@ -4,6 +4,11 @@ Each composite image holds two source images that partly overlap; the tasks
 are `left` (the class of the top-left object) and `right` (the class of the
 bottom-right object). Two published recipes are provided.
 
+`kmtl.data.multi_mnist` (a `tf.data` pipeline) and
+`kmtl.data.multi_mnist_arrays` (NumPy arrays) are defined here; this module,
+`kmtl.data.recipes`, also holds `compose`, `clear_memory_cache` and the
+recipe constants.
+
 `recipe="sener"` (Sener & Koltun, 2018, the MultiMNIST of "Multi-Task
 Learning as Multi-Objective Optimization"; construction as in the authors'
 released loader):
