@@ -1,5 +1,9 @@
 """kmtl: multi-task learning for Keras 3 on TensorFlow.
 
+Importing `kmtl` imports every module, so every kmtl class that a saved model
+may name is registered with Keras (loading works in any process that ran
+`import kmtl`).
+
 Build a model with named heads on a shared trunk, train it with plain
 `model.fit` on dict targets, weight or aggregate the tasks with
 `kmtl.weighting`, evaluate per task and export one named output per head.
@@ -15,39 +19,53 @@ Example:
 
 from kmtl import (
     architectures,
+    backend,
     callbacks,
     data,
     diagnostics,
+    errors,
     evaluation,
     export,
     heads,
+    logs,
+    objective,
     plots,
+    registry,
     trunks,
     weighting,
 )
 from kmtl.callbacks import TrainingGuard
+from kmtl.errors import LabelError, NonFiniteLossError
 from kmtl.evaluation import Report, delta_m, evaluate
-from kmtl.model import MultiTaskModel, NonFiniteLossError, build_model, compile_model
+from kmtl.model import MultiTaskModel, build_model, compile_model
+from kmtl.objective import TaskObjective
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LabelError",
     "MultiTaskModel",
     "NonFiniteLossError",
     "Report",
+    "TaskObjective",
     "TrainingGuard",
     "architectures",
+    "backend",
     "build_model",
     "callbacks",
     "compile_model",
     "data",
     "delta_m",
     "diagnostics",
+    "errors",
     "evaluate",
     "evaluation",
     "export",
     "heads",
+    "logs",
+    "objective",
     "plots",
+    "registry",
     "trunks",
     "weighting",
 ]

@@ -20,25 +20,6 @@ import keras
 import numpy as np
 
 
-def _per_task_gradients(model, x, y, sample_weight):
-    import tensorflow as tf
-
-    shared = model.shared_variables
-    with tf.GradientTape(persistent=True) as tape:
-        y_pred = model(x, training=False)
-        names, losses, _, _ = model.task_losses(y, y_pred, sample_weight)
-        per_task = [losses[i] for i in range(len(names))]  # sliced on the tape
-    grads = []
-    for i in range(len(names)):
-        parts = tape.gradient(per_task[i], shared)
-        grads.append(
-            tf.concat(
-                [tf.reshape(tf.zeros_like(v) if g is None else g, [-1]) for g, v in zip(parts, shared)], 0
-            )
-        )
-    return names, tf.stack(grads)
-
-
 def gradient_cosines(model, dataset, steps: int | None = None) -> dict:
     """Pairwise cosine similarity of the tasks' shared-parameter gradients.
 
@@ -59,6 +40,7 @@ def gradient_cosines(model, dataset, steps: int | None = None) -> dict:
         ValueError: if the model is not a compiled `MultiTaskModel` with at
             least two trained tasks.
     """
+    from kmtl import backend
     from kmtl.model import MultiTaskModel
 
     if not isinstance(model, MultiTaskModel) or not model.compiled:
@@ -69,13 +51,11 @@ def gradient_cosines(model, dataset, steps: int | None = None) -> dict:
     for i, batch in enumerate(dataset):
         if steps is not None and i >= steps:
             break
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(batch)
-        y, sample_weight = model._standardize_targets(y, sample_weight)
-        y = model._value_checks(y, sample_weight)
-        names, part = _per_task_gradients(model, x, y, sample_weight)
+        part = np.asarray(backend.shared_task_gradients(model, batch), dtype="float64")
         total = part if total is None else total + part
     if total is None:
         raise ValueError("gradient_cosines received an empty dataset.")
+    names = model.objective.task_names
     if len(names) < 2:
         raise ValueError(f"gradient_cosines needs at least two trained tasks. Received: {names}")
     stacked = np.asarray(total, dtype="float64")

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 
 import keras
 
+from kmtl import logs as logs_module
+
 #: Metrics for which a lower value is better (used by `delta_m`).
 LOWER_IS_BETTER = ("loss", "mae", "mse", "rmse", "error")
 
@@ -93,26 +95,26 @@ def _fmt(value) -> str:
     return f"{value:.4f}"
 
 
-def report_from_logs(logs: dict, task_names, prefix: str = "") -> Report:
-    """Splits Keras logs (`digit_accuracy`, `loss`, ...) into a `Report`."""
-    tasks = {t: {} for t in task_names}
-    overall = {}
-    # Longest names first so that "digit_group" is not read as task "digit".
-    ordered = sorted(task_names, key=len, reverse=True)
-    for key, value in logs.items():
-        if prefix:
-            if not key.startswith(prefix):
-                continue
-            key = key[len(prefix) :]
-        for task in ordered:
-            if key.startswith(task + "_"):
-                metric = key[len(task) + 1 :]
-                if not metric.startswith("weight"):
-                    tasks[task][metric] = float(value)
-                break
-        else:
-            overall[key] = float(value)
-    return Report(tasks, overall)
+def report_from_logs(logs: dict, task_names=None, prefix: str = "", log_keys=None) -> Report:
+    """Splits Keras logs (`digit_accuracy`, `loss`, ...) into a `Report`.
+
+    Args:
+        logs: a dict of logs (from `evaluate(return_dict=True)` or a history).
+        task_names: the tasks, used only when `log_keys` is not given (the
+            keys are then matched to the longest task name they start with).
+        prefix: `"val_"` to read validation logs.
+        log_keys: a `kmtl.logs.LogKeys` (e.g. `model.log_keys()`).
+
+    Task weights (`<task>_weight`) are training logs, not metrics: they are
+    left out.
+    """
+    if log_keys is None:
+        log_keys = logs_module.LogKeys.infer(logs, list(task_names or []))
+    tasks, overall = log_keys.split(logs, validation=prefix == logs_module.VALIDATION_PREFIX)
+    report = {t: {} for t in log_keys.tasks}
+    for task, metrics in tasks.items():
+        report[task] = {m: float(v) for m, v in metrics.items() if m != "weight"}
+    return Report(report, {k: float(v) for k, v in overall.items()})
 
 
 def evaluate(model: keras.Model, dataset, **kwargs) -> Report:
@@ -135,8 +137,9 @@ def evaluate(model: keras.Model, dataset, **kwargs) -> Report:
         raise ValueError("`kmtl.evaluate` needs a compiled model: call `model.compile()` first.")
     kwargs.setdefault("verbose", 0)
     logs = model.evaluate(dataset, return_dict=True, **kwargs)
-    names = getattr(model, "task_names", None) or list(model.output_names)
-    return report_from_logs(logs, names)
+    if hasattr(model, "log_keys"):
+        return report_from_logs(logs, log_keys=model.log_keys())
+    return report_from_logs(logs, list(model.output_names))
 
 
 def delta_m(report: Mapping, baselines: Mapping, metrics: Mapping | None = None) -> float:

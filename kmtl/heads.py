@@ -19,6 +19,9 @@ from typing import Sequence
 
 import keras
 
+from kmtl import registry
+from kmtl.registry import register
+
 
 def _check_name(name) -> str:
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
@@ -145,7 +148,7 @@ class Head:
         return hash((type(self).__name__, self.name))
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("head", "classification")
 class Classification(Head):
     """Single-label classification into `num_classes` classes (softmax).
 
@@ -184,7 +187,7 @@ class Classification(Head):
         return {**super().get_config(), "num_classes": self.num_classes}
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("head", "binary")
 class Binary(Head):
     """Binary classification with one sigmoid unit.
 
@@ -207,7 +210,7 @@ class Binary(Head):
         return (0, 1, False)
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("head", "multi_label")
 class MultiLabel(Head):
     """Multi-label classification: `num_labels` independent sigmoid units.
 
@@ -244,7 +247,7 @@ class MultiLabel(Head):
         return {**super().get_config(), "num_labels": self.num_labels}
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("head", "regression")
 class Regression(Head):
     """Regression with `units` linear outputs.
 
@@ -274,12 +277,6 @@ class Regression(Head):
         return {**super().get_config(), "units": self.units}
 
 
-_KINDS = {
-    "classification": Classification,
-    "binary": Binary,
-    "multi_label": MultiLabel,
-    "regression": Regression,
-}
 
 
 def get(identifier) -> Head:
@@ -298,11 +295,11 @@ def get(identifier) -> Head:
         if "kind" in identifier:
             config = dict(identifier)
             kind = config.pop("kind")
-            if kind not in _KINDS:
+            if kind not in registry.names("head"):
                 raise ValueError(
-                    f"Unknown head kind {kind!r}. Known kinds: {', '.join(_KINDS)}. Received: kind={kind!r}"
+                    f"Unknown head kind {kind!r}. Known kinds: {', '.join(registry.names('head'))}. Received: kind={kind!r}"
                 )
-            return _KINDS[kind](**config)
+            return registry.lookup("head", kind)(**config)
         if "class_name" in identifier:
             obj = keras.saving.deserialize_keras_object(identifier)
             if isinstance(obj, Head):

@@ -2,50 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
-import re
 import warnings
 from typing import Sequence
 
 import keras
-from keras import ops, tree
-from keras.src.saving import serialization_lib
 
-from kmtl import architectures
+from kmtl import architectures, backend, logs
 from kmtl import heads as heads_module
 from kmtl import trunks as trunks_module
 from kmtl import weighting as weighting_module
+from kmtl.callbacks import TrainingGuard
+from kmtl.errors import NonFiniteLossError
+from kmtl.objective import TaskObjective
 
-
-class NonFiniteLossError(FloatingPointError):
-    """Raised when a task's training loss becomes NaN or infinite."""
-
-
-@contextlib.contextmanager
-def _label_errors(model):
-    """Turns kmtl's in-graph label assertions into a plain ValueError.
-
-    After any error the model's cached step functions are dropped, so that a
-    corrected call traces afresh (a failed trace would otherwise forbid
-    creating the loss trackers later).
-    """
-    import tensorflow as tf
-
-    try:
-        yield
-    except BaseException as error:
-        model.train_function = model.test_function = model.predict_function = None
-        if not isinstance(error, tf.errors.InvalidArgumentError):
-            raise
-        text = str(error).replace("\\'", "'")
-        match = re.search(
-            r"assertion failed: \[(Head .*?\.)\] \[min:\] \[([^\]]*)\] \[max:\] \[([^\]]*)\]", text
-        )
-        if match is None:
-            raise
-        raise ValueError(
-            f"{match.group(1)} Received: labels with min={match.group(2)}, max={match.group(3)}"
-        ) from None
+#: `keras.Model.compile` arguments kept in the compile config besides kmtl's own.
+_KERAS_COMPILE_ARGUMENTS = ("weighted_metrics", "run_eagerly", "steps_per_execution", "jit_compile", "auto_scale_loss")
 
 
 def _input_spec(input_shape, inputs):
@@ -71,27 +42,6 @@ def _input_spec(input_shape, inputs):
             shape = tuple(shape.shape[1:])
         spec[str(name)] = tuple(shape)
     return spec, True
-
-
-def _global_masked_mean(value, weight):
-    """Makes a replica's masked-mean loss a share of the *global* masked mean.
-
-    Keras divides each replica's weighted loss sum by that replica's own
-    weight total (then by the number of replicas), which differs from the
-    mean over all labelled examples when the labels are unevenly spread over
-    replicas. Multiplying by `replicas * local_total / global_total` gives
-    `local_sum / global_total`, whose sum over replicas is the exact mean.
-    """
-    import tensorflow as tf
-
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return value
-    local = tf.reduce_sum(tf.cast(weight, "float32"))
-    # stop_gradient on the *output*: the tape must not differentiate the
-    # collective (its gradient is another collective, created per backward).
-    total = tf.stop_gradient(ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(local)))
-    return value * tf.math.divide_no_nan(local * ctx.num_replicas_in_sync, total)
 
 
 @keras.saving.register_keras_serializable(package="kmtl")
@@ -172,9 +122,9 @@ class MultiTaskModel(keras.Model):
         self._input_spec_config = {k: list(v) for k, v in spec.items()}
         self._multi_input = multi_input
         self._kmtl_weighting = None
-        # Not tracked: they are training-only logs, not metrics of evaluate().
-        object.__setattr__(self, "_weight_trackers", {})
-        self.validate_targets = True
+        # The encoder as a chain of stages (None if it is not one): not tracked
+        # again by Keras, the layers already belong to the encoder.
+        object.__setattr__(self, "encoder_stages", tuple(parts.stages) if parts.stages else None)
 
     # --- structure -----------------------------------------------------------
     @property
@@ -205,7 +155,8 @@ class MultiTaskModel(keras.Model):
         weights = super().trainable_weights
         strategy = getattr(self, "_kmtl_weighting", None)
         if strategy is not None and strategy.trainable_weights:
-            weights = weights + list(strategy.trainable_weights)
+            known = {id(w) for w in weights}
+            weights = weights + [w for w in strategy.trainable_weights if id(w) not in known]
         return weights
 
     # --- compile -------------------------------------------------------------
@@ -220,13 +171,21 @@ class MultiTaskModel(keras.Model):
     ):
         """Configures training; losses and metrics default to the heads'.
 
+        Builds the model's `objective` (a `kmtl.TaskObjective`: per-task
+        losses, static weights, checks and trackers) and compiles the Keras
+        model with the per-head metrics. Every other `keras.Model.compile`
+        argument is accepted.
+
         Args:
             optimizer: any Keras optimizer identifier.
             loss: optional dict `{head: loss}`; heads not in it use their
                 default loss. `{head: None}` trains no loss for that head.
-            loss_weights: optional dict `{head: float}` (missing heads: 1.0).
-                With a weighting strategy, these scale each task's loss
-                before the strategy sees it.
+                A `keras.losses.Loss` keeps its reduction; a loss function or
+                name uses Keras's default (`sum_over_batch_size`).
+            loss_weights: optional dict `{head: weight}` (missing heads: 1.0),
+                finite numbers >= 0 (Python or NumPy). With a weighting
+                strategy, these scale each task's loss before the strategy
+                sees it.
             metrics: optional dict `{head: [metrics]}`; heads not in it use
                 their default metrics.
             weighting: None (static `loss_weights`), a registered name
@@ -235,22 +194,15 @@ class MultiTaskModel(keras.Model):
 
         Raises:
             ValueError: for keys that match no head, a list-valued `loss`,
-                `metrics` or `loss_weights` (ambiguous on dict outputs), or
-                an unknown weighting name.
+                `metrics` or `loss_weights` (ambiguous on dict outputs),
+                non-finite or negative loss weights, or an unknown weighting
+                name.
         """
-        names = self.task_names
         loss = self._per_head("loss", loss, lambda h: h.loss())
         metrics = self._per_head("metrics", metrics, lambda h: h.metrics())
         if loss_weights is not None:
             loss_weights = self._per_head("loss_weights", loss_weights, lambda h: 1.0)
-            for name, value in loss_weights.items():
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                    raise ValueError(
-                        f"Loss weight of head {name!r} must be a non-negative number. Received: {value!r}"
-                    )
-            loss_weights = {k: float(v) for k, v in loss_weights.items() if loss.get(k) is not None}
-        if all(loss[n] is None for n in names):
-            raise ValueError("Every head has loss None: nothing to train.")
+        objective = TaskObjective(self.heads, loss, loss_weights)
         strategy = None if weighting is None else weighting_module.get(weighting)
         if strategy is not None and strategy.level == "gradient":
             if strategy.mode == "representation" and not self.supports_representation:
@@ -258,19 +210,32 @@ class MultiTaskModel(keras.Model):
                     f"Architecture {self.architecture!r} has no single shared representation; "
                     f"use mode='parameters'. Received: {type(strategy).__name__}(mode='representation')"
                 )
-            if kwargs.get("jit_compile") and not getattr(strategy, "jit_safe", True):
+            if kwargs.get("jit_compile") and not strategy.jit_safe:
                 raise ValueError(
                     f"{type(strategy).__name__} cannot run with jit_compile=True. Received: jit_compile=True"
                 )
-        super().compile(optimizer=optimizer, loss=loss, loss_weights=loss_weights, metrics=metrics, **kwargs)
-        if strategy is not None and not strategy.built:
-            strategy.build([n for n in names if loss[n] is not None])
+        super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+        if strategy is not None:
+            if strategy.built and strategy.task_names != objective.task_names:
+                raise ValueError(
+                    f"{type(strategy).__name__} was built for tasks {strategy.task_names}, but the model "
+                    f"trains {objective.task_names}. Received: a strategy built for other tasks"
+                )
+            if not strategy.built:
+                strategy.build(objective.task_names)
+        objective.validate_targets = self.validate_targets and not self.jit_compile
+        # Not tracked by Keras: the objective's trackers are reported through `metrics`.
+        object.__setattr__(self, "objective", objective)
         self._kmtl_weighting = strategy
-        object.__setattr__(
-            self,
-            "_weight_trackers",
-            {n: keras.metrics.Mean(name=f"weight_{n}") for n in names if loss[n] is not None},
-        )
+        # Untracked too: they are saved as the compile config, not as state.
+        object.__setattr__(self, "compile_arguments", {
+            "optimizer": self.optimizer,
+            "loss": loss,
+            "loss_weights": None if loss_weights is None else dict(zip(objective.task_names, objective.static_weights)),
+            "metrics": metrics,
+            "weighting": strategy,
+            **{k: v for k, v in kwargs.items() if k in _KERAS_COMPILE_ARGUMENTS},
+        })
 
     def _per_head(self, argument, value, default):
         if value is None:
@@ -293,172 +258,102 @@ class MultiTaskModel(keras.Model):
         return {h.name: value[h.name] if h.name in value else default(h) for h in self.heads}
 
     def get_compile_config(self):
-        config = super().get_compile_config()
-        if config and self._kmtl_weighting is not None:
-            config = dict(config)
-            config["weighting"] = keras.saving.serialize_keras_object(self._kmtl_weighting)
-        return config
+        """kmtl's compile arguments (optimizer, per-head losses and metrics, weights, strategy)."""
+        arguments = getattr(self, "compile_arguments", None)
+        if not self.compiled or arguments is None:
+            return {}
+        return {k: keras.saving.serialize_keras_object(v) for k, v in arguments.items()}
 
     def compile_from_config(self, config):
-        config = serialization_lib.deserialize_keras_object(config)
+        config = {k: keras.saving.deserialize_keras_object(v) for k, v in config.items()}
         self.compile(**config)
         if self.optimizer is not None and self.built:
             self.optimizer.build(self.trainable_variables)
 
-    # --- targets -------------------------------------------------------------
-    def _standardize_targets(self, y, sample_weight):
-        """Checks target keys, shapes and dtypes at trace time."""
-        names = self.task_names
-        if not isinstance(y, dict):
-            if len(names) == 1 and y is not None:
-                y = {names[0]: y}
-                if sample_weight is not None and not isinstance(sample_weight, dict):
-                    sample_weight = {names[0]: sample_weight}
-            else:
-                raise ValueError(
-                    f"Targets must be a dict keyed by head name {names}. "
-                    f"Received: targets of type {type(y).__name__}"
-                )
-        trained = [n for n in names if self._compile_loss_for(n) is not None]
-        unknown = sorted(set(y) - set(names))
-        if unknown:
-            raise ValueError(
-                f"Target key(s) {unknown} match no head. Heads: {names}. Received target keys: {sorted(y)}"
-            )
-        missing = [n for n in trained if n not in y]
-        if missing:
-            raise ValueError(
-                f"Head(s) {missing} have no target in the data. Received target keys: "
-                f"{sorted(y)}. Give every head a target (with a sample weight of 0 "
-                "where its label is missing), or compile with loss={name: None} "
-                "for heads you do not train."
-            )
-        if isinstance(sample_weight, dict):
-            unknown = sorted(set(sample_weight) - set(names))
-            if unknown:
-                raise ValueError(f"Sample-weight key(s) {unknown} match no head. Heads: {names}.")
-        for name in y:
-            head = self.head_map[name]
-            head.check_target_spec(tuple(y[name].shape), y[name].dtype)
-        return y, sample_weight
+    @property
+    def validate_targets(self) -> bool:
+        """Whether label values are checked in the graph (never under XLA)."""
+        return getattr(self, "_validate_targets", True)
 
-    def _compile_loss_for(self, name):
-        losses = self._compile_config.config.get("loss") if hasattr(self, "_compile_config") else None
-        if isinstance(losses, dict):
-            return losses.get(name)
-        return True
+    @validate_targets.setter
+    def validate_targets(self, value: bool):
+        object.__setattr__(self, "_validate_targets", bool(value))
+        objective = getattr(self, "objective", None)
+        if objective is not None:
+            objective.validate_targets = bool(value) and not self.jit_compile
+            self.train_function = self.test_function = None
 
-    def _value_checks(self, y, sample_weight):
-        """Checks label values in graph and returns targets safe for the losses.
-
-        Labels under a zero sample weight (missing labels) are replaced by a
-        valid value, so that placeholders such as -1 neither fail the checks
-        nor crash a loss kernel; they carry no weight either way. The range
-        assertions are skipped under XLA (`jit_compile=True`).
-        """
-        import tensorflow as tf
-
-        checked = dict(y)
-        for name, target in y.items():
-            bounds = self.head_map[name].label_range()
-            if bounds is None:
-                continue
-            low, high, integer = bounds
-            weight = sample_weight.get(name) if isinstance(sample_weight, dict) else sample_weight
-            if weight is not None:
-                weight = tf.reshape(tf.cast(weight, "float32"), [-1])
-                mask = tf.reshape(weight > 0, [-1] + [1] * (len(target.shape) - 1))
-                target = tf.where(mask, target, tf.cast(low, target.dtype))
-                checked[name] = target
-            if not self.validate_targets or self.jit_compile:
-                continue
-            values = tf.cast(target, "float32")
-            kind = "integers" if integer else "values"
-            message = f"Head {name!r}: labels must be {kind} in [{low}, {high}]."
-            ok = tf.logical_and(tf.reduce_all(values >= low), tf.reduce_all(values <= high))
-            if integer:
-                ok = tf.logical_and(ok, tf.reduce_all(tf.equal(values, tf.round(values))))
-            tf.debugging.Assert(ok, [message, "min:", tf.reduce_min(values), "max:", tf.reduce_max(values)])
-        return checked
-
-    # --- per-task losses -----------------------------------------------------
-    def task_losses(self, y, y_pred, sample_weight):
-        """Returns `(names, losses, loss_weights, present)` for one batch.
-
-        `losses` are the unweighted per-task losses as Keras computes them
-        (scaled by 1/replicas under a distribution strategy), the per-output
-        `<task>_loss` trackers are updated, `loss_weights` are the static
-        weights and `present[t]` is False when task t has no labelled example.
-        """
-        compile_loss = self._compile_loss
-        if not compile_loss.built:
-            compile_loss.build(y, y_pred)
-        trackers = compile_loss.metrics
-        batch = ops.shape(tree.flatten(y_pred)[0])[0]
-        names, values, weights, present = [], [], [], []
-        for i, (path, loss_fn, loss_weight, _) in enumerate(compile_loss._flat_losses):
-            name = path[0]
-            weight = sample_weight.get(name) if isinstance(sample_weight, dict) else sample_weight
-            value = ops.cast(loss_fn(y[name], y_pred[name], weight), "float32")
-            if weight is not None:
-                value = _global_masked_mean(value, weight)
-            if trackers:
-                trackers[i].update_state(
-                    keras.src.losses.loss.unscale_loss_for_distribution(value), sample_weight=batch
-                )
-            names.append(name)
-            values.append(value)
-            weights.append(1.0 if loss_weight is None else float(loss_weight))
-            if weight is None:
-                present.append(ops.convert_to_tensor(True))
-            else:
-                present.append(ops.sum(ops.cast(weight, "float32")) > 0)
-        return names, ops.stack(values), ops.convert_to_tensor(weights, "float32"), ops.stack(present)
-
-    def _regularization_loss(self):
-        extra = [ops.sum(ops.cast(loss, "float32")) for loss in self.losses]
-        return ops.sum(ops.stack(extra)) if extra else None
-
-    # --- steps ---------------------------------------------------------------
-    def train_step(self, data):
-        from kmtl import training
-
-        return training.train_step(self, data)
-
-    def test_step(self, data):
-        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
-        y, sample_weight = self._standardize_targets(y, sample_weight)
-        y = self._value_checks(y, sample_weight)
-        return super().test_step((x, y, sample_weight) if sample_weight is not None else (x, y))
+    # --- metrics and log keys ------------------------------------------------
+    @property
+    def metrics(self):
+        """kmtl's `loss` and `<task>_loss` trackers, then Keras's compiled and layer metrics."""
+        keras_metrics = list(super().metrics)
+        objective = getattr(self, "objective", None)
+        if objective is None or not self.compiled:
+            return keras_metrics
+        if keras_metrics and isinstance(keras_metrics[0], keras.metrics.Mean) and keras_metrics[0].name == "loss":
+            # Keras's own total-loss tracker: kmtl's objective reports the total instead.
+            keras_metrics = keras_metrics[1:]
+        return objective.metrics(training=False) + keras_metrics
 
     def reset_metrics(self):
         super().reset_metrics()
-        for tracker in self._weight_trackers.values():
-            tracker.reset_state()
+        objective = getattr(self, "objective", None)
+        if objective is not None:
+            for tracker in objective.weight_trackers.values():
+                tracker.reset_state()
+
+    def log_keys(self) -> logs.LogKeys:
+        """The per-task log keys of this compiled model (`kmtl.logs.LogKeys`)."""
+        per_task = {h.name: [] for h in self.heads}
+        objective = getattr(self, "objective", None)
+        for name in objective.task_names if objective is not None else []:
+            per_task[name] += ["loss", "weight"]
+        metrics = (getattr(self, "compile_arguments", None) or {}).get("metrics") or {}
+        for name, items in metrics.items():
+            for metric in items or []:
+                metric_name = metric if isinstance(metric, str) else getattr(metric, "name", None)
+                if metric_name and metric_name not in per_task[name]:
+                    per_task[name].append(metric_name)
+        return logs.LogKeys(per_task)
+
+    # --- steps ---------------------------------------------------------------
+    def train_step(self, data):
+        return backend.train_step(self, data)
+
+    def test_step(self, data):
+        return backend.test_step(self, data)
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """The static-weighted total loss of a batch (this replica's share), from the objective."""
+        targets, weights = self.objective.prepare(y, sample_weight)
+        losses = self.objective.task_losses(targets, y_pred, weights, self.losses)
+        total = keras.ops.sum(losses.shares)
+        if losses.regularization_share is not None:
+            total = total + losses.regularization_share
+        return total
 
     def fit(self, *args, callbacks=None, **kwargs):
         """`keras.Model.fit`, plus kmtl's guard callback.
 
-        The guard stops training with `NonFiniteLossError` naming the task
-        whose loss became NaN/inf (the offending update is not applied), and
-        calls the weighting strategy's `on_epoch_end`.
+        The guard stops training with `kmtl.NonFiniteLossError` naming the
+        task whose loss or gradient became NaN/inf; that batch changed
+        nothing (weights, optimizer state and iterations, strategy state).
+        It also calls the weighting strategy's `on_epoch_end`. A
+        `tf.data.Dataset` is not reshuffled by Keras (`shuffle=False` unless
+        given): its pipeline shuffles.
         """
-        import tensorflow as tf
-
-        from kmtl.callbacks import TrainingGuard
-
         data = args[0] if args else kwargs.get("x")
-        if isinstance(data, tf.data.Dataset):
-            # A dataset is shuffled by its pipeline; Keras would only warn.
+        if type(data).__name__.endswith("Dataset"):
             kwargs.setdefault("shuffle", False)
         callbacks = list(callbacks or [])
         if not any(isinstance(c, TrainingGuard) for c in callbacks):
             callbacks.append(TrainingGuard())
-        with _label_errors(self):
+        with backend.translate_errors(self):
             return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def evaluate(self, *args, **kwargs):
-        with _label_errors(self):
+        with backend.translate_errors(self):
             return super().evaluate(*args, **kwargs)
 
     # --- config --------------------------------------------------------------

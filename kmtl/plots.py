@@ -12,8 +12,19 @@ def _history_dict(history) -> dict:
     return dict(logs)
 
 
-def _tasks_from(logs, suffix: str) -> list[str]:
-    return [k[: -len(suffix)] for k in logs if k.endswith(suffix) and not k.startswith("val_")]
+def _log_keys(history, logs, tasks):
+    """The history's `LogKeys`: from its model when it has one, else inferred from `tasks`."""
+    from kmtl import logs as logs_module
+
+    model = getattr(history, "model", None)
+    if model is not None and hasattr(model, "log_keys"):
+        return model.log_keys()
+    if tasks is None:
+        raise ValueError(
+            "A history dict read from disk needs `tasks=[...]` (its task names) to be split per task. "
+            f"Received: keys {sorted(logs)}"
+        )
+    return logs_module.LogKeys.infer(logs, list(tasks))
 
 
 def plot_history(history, metrics=("loss", "accuracy"), tasks=None, figsize=None):
@@ -23,7 +34,8 @@ def plot_history(history, metrics=("loss", "accuracy"), tasks=None, figsize=None
         history: a `keras.callbacks.History` or its `.history` dict.
         metrics: metric suffixes to plot, e.g. `("loss", "accuracy")`.
             Metrics no task has are skipped.
-        tasks: task names; default: every task found in the history.
+        tasks: task names; needed for a plain dict (e.g. `history.json`),
+            default for a `History`: its model's tasks.
         figsize: matplotlib figure size.
 
     Returns:
@@ -35,24 +47,26 @@ def plot_history(history, metrics=("loss", "accuracy"), tasks=None, figsize=None
     import matplotlib.pyplot as plt
 
     logs = _history_dict(history)
+    keys = _log_keys(history, logs, tasks)
     panels = []
     for metric in metrics:
-        found = [t for t in (tasks or _tasks_from(logs, f"_{metric}")) if f"{t}_{metric}" in logs]
-        found = [t for t in found if not t.startswith("weight")]
-        if found:
-            panels.append((metric, found))
+        train = keys.series(logs, metric)
+        if tasks is not None:
+            train = {t: v for t, v in train.items() if t in tasks}
+        if train:
+            panels.append((metric, train, keys.series(logs, metric, validation=True)))
     if not panels:
         raise ValueError(f"None of the metrics {list(metrics)} is in the history. Keys: {sorted(logs)}")
     fig, axes = plt.subplots(1, len(panels), figsize=figsize or (5 * len(panels), 3.5), squeeze=False)
-    for ax, (metric, found) in zip(axes[0], panels):
-        for i, task in enumerate(found):
+    for ax, (metric, train, validation) in zip(axes[0], panels):
+        for i, (task, values) in enumerate(train.items()):
             color = f"C{i}"
-            values = logs[f"{task}_{metric}"]
             epochs = range(1, len(values) + 1)
-            ax.plot(epochs, values, color=color, label=f"{task}")
-            if f"val_{task}_{metric}" in logs:
+            # Markers, so that a one-epoch history still shows its points.
+            ax.plot(epochs, values, color=color, marker="o", label=f"{task}")
+            if task in validation:
                 ax.plot(
-                    epochs, logs[f"val_{task}_{metric}"], color=color, linestyle="--", label=f"{task} (val)"
+                    epochs, validation[task], color=color, linestyle="--", marker="s", label=f"{task} (val)"
                 )
         ax.set_xlabel("epoch")
         ax.set_ylabel(metric)
@@ -63,8 +77,13 @@ def plot_history(history, metrics=("loss", "accuracy"), tasks=None, figsize=None
     return fig
 
 
-def plot_task_weights(history, figsize=(5, 3.5)):
-    """The effective task weights (`weight_<task>` in the history) per epoch.
+def plot_task_weights(history, tasks=None, figsize=(5, 3.5)):
+    """The effective task weights (`<task>_weight` in the history) per epoch.
+
+    Args:
+        history: a `keras.callbacks.History` or its `.history` dict (then
+            `tasks` is needed; `weight_<task>` keys of kmtl 0.1 are read too).
+        tasks: task names (default for a `History`: its model's tasks).
 
     Raises:
         ValueError: if the history has no task weights.
@@ -72,12 +91,12 @@ def plot_task_weights(history, figsize=(5, 3.5)):
     import matplotlib.pyplot as plt
 
     logs = _history_dict(history)
-    keys = [k for k in logs if k.startswith("weight_")]
-    if not keys:
-        raise ValueError(f"The history has no task weights (weight_<task>). Keys: {sorted(logs)}")
+    series = _log_keys(history, logs, tasks).series(logs, "weight")
+    if not series:
+        raise ValueError(f"The history has no task weights (<task>_weight). Keys: {sorted(logs)}")
     fig, ax = plt.subplots(figsize=figsize)
-    for key in keys:
-        ax.plot(range(1, len(logs[key]) + 1), logs[key], marker="o", label=key[len("weight_") :])
+    for task, values in series.items():
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=task)
     ax.set_xlabel("epoch")
     ax.set_ylabel("task weight")
     ax.set_title("task weights")

@@ -20,15 +20,15 @@ SCRIPT = textwrap.dedent(
     class SumOfGradients(kmtl.weighting.Weighting):
         level = "gradient"
         gram_based = True
-        def weights_from_gram(self, gram, losses, present, step):
-            return ops.cast(present, "float32")
+        def weights_from_gram(self, gram, values, present, step, state):
+            return ops.cast(present, "float32"), {}
 
     class NormalizedSum(kmtl.weighting.Weighting):
         """Non-linear in the gradients: catches a missing all-reduce."""
         level = "gradient"
         gram_based = True
-        def weights_from_gram(self, gram, losses, present, step):
-            return 1.0 / ops.sqrt(ops.diagonal(gram) + 1e-12)
+        def weights_from_gram(self, gram, values, present, step, state):
+            return 1.0 / ops.sqrt(ops.diagonal(gram) + 1e-12), {}
 
     rng = np.random.default_rng(0)
     digit = rng.integers(0, 10, 64)
@@ -54,7 +54,7 @@ SCRIPT = textwrap.dedent(
     two_devices = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     single = lambda: one_device
     mirrored = lambda: two_devices
-    for weighting, mode in [(None, None), (kmtl.weighting.Uncertainty, ""), (kmtl.weighting.DWA, ""),
+    for weighting, mode in [(None, None), (kmtl.weighting.Equal, ""),
                             (SumOfGradients, "parameters"), (SumOfGradients, "representation"),
                             (NormalizedSum, "parameters"), (NormalizedSum, "representation")]:
         w1, h1 = run(single, weighting, mode)

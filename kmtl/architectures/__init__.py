@@ -14,7 +14,8 @@ and export work the same for every architecture.
 | `mtan`         | `mtan`           | the conv stages of the trunk                        |
 | `task_routed`  | `task_routed`    | the trunk, applied to each task's own input         |
 
-`get(name)` returns the builder wrapped so that unknown option names and
+Every builder module is imported here and registers its builder
+(`kmtl.registry`); `get(name)` returns the builder wrapped so that unknown option names and
 options that are not plain JSON values (they are stored in the model config)
 are a `ValueError` naming the architecture and its valid options.
 """
@@ -22,29 +23,22 @@ are a `ValueError` naming the architecture and its valid options.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import json
 
+from kmtl import registry
+from kmtl.architectures import cross_stitch, hard_sharing, layers, mmoe, mtan, ple, task_routed  # noqa: F401
 from kmtl.architectures.base import Parts, decoder_inputs
 from kmtl.architectures.inspection import expert_labels, expert_utilization
 from kmtl.architectures.task_routed import task_inputs, task_submodel
 
-# architecture name -> (module, builder function)
-_BUILDERS = {
-    "hard_sharing": ("hard_sharing", "build_hard_sharing"),
-    "mmoe": ("mmoe", "build_mmoe"),
-    "cgc": ("ple", "build_cgc"),
-    "ple": ("ple", "build_ple"),
-    "cross_stitch": ("cross_stitch", "build_cross_stitch"),
-    "mtan": ("mtan", "build_mtan"),
-    "task_routed": ("task_routed", "build_task_routed"),
-}
+_ORDER = ("hard_sharing", "mmoe", "cgc", "ple", "cross_stitch", "mtan", "task_routed")
 
 
 def names() -> list[str]:
     """Returns the known architecture names."""
-    return list(_BUILDERS)
+    registered = registry.names("architecture")
+    return [n for n in _ORDER if n in registered] + sorted(set(registered) - set(_ORDER))
 
 
 def options(name: str) -> dict:
@@ -59,13 +53,12 @@ def options(name: str) -> dict:
 
 
 def _builder(name):
-    if name not in _BUILDERS:
+    if name not in names():
         raise ValueError(
-            f"Unknown architecture {name!r}. Known architectures: {', '.join(_BUILDERS)}. "
+            f"Unknown architecture {name!r}. Known architectures: {', '.join(names())}. "
             f"Received: architecture={name!r}"
         )
-    module, function = _BUILDERS[name]
-    return getattr(importlib.import_module(f"kmtl.architectures.{module}"), function)
+    return registry.lookup("architecture", name)
 
 
 def get(name: str):

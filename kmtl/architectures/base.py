@@ -23,6 +23,11 @@ representation (MGDA-UB style) instead of the shared parameters. In that
 case no representation tensor may be computed from another one (hand a
 tensor that feeds another to the decoders through a separate copy):
 otherwise a task's representation gradient counts that path twice.
+
+`stages` (optional): when the encoder is a chain, the layers whose
+successive application to the input is the encoder, holding every shared
+variable. The parameters-mode Gram engine (`kmtl.backend.tensorflow.gram`)
+walks it backwards, one stage at a time.
 """
 
 from __future__ import annotations
@@ -42,6 +47,8 @@ class Parts:
     supports_representation: bool = True
     #: One sentence naming which parameters count as shared, for docs/reports.
     shared_description: str = ""
+    #: The encoder as a chain of layers (see the module docstring), or None.
+    stages: list | None = None
 
 
 def decoder_inputs(representation, prefix: str):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kmtl.registry import register
+
 import keras
 
 from kmtl.architectures import _common
@@ -9,6 +11,7 @@ from kmtl.architectures.base import Parts
 from kmtl.architectures.layers import CrossStitch
 
 
+@register("architecture", "cross_stitch")
 def build_cross_stitch(inputs, trunk, heads, self_weight: float = 0.9) -> Parts:
     """One copy of the trunk per task, with cross-stitch units between stages.
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from kmtl.registry import register
+
 import keras
 
 from kmtl.architectures.base import Parts, decoder_inputs
 
 
+@register("architecture", "hard_sharing")
 def build_hard_sharing(inputs, trunk, heads) -> Parts:
     """One trunk shared by all tasks, then each task's head.
 
@@ -27,7 +30,15 @@ def build_hard_sharing(inputs, trunk, heads) -> Parts:
             "hard_sharing takes one input; for tasks with different inputs use "
             f"architecture='task_routed'. Received: inputs with keys {sorted(inputs)}"
         )
-    features = trunk(inputs, name="trunk")
+    if trunk.kind == "conv" and len(inputs.shape) != 4:
+        raise ValueError(
+            "A conv trunk needs image inputs of shape (batch, height, width, "
+            f"channels). Received: input shape {tuple(inputs.shape)}"
+        )
+    stages = trunk.stages("trunk")
+    features = inputs
+    for stage in stages:
+        features = stage(features)
     encoder = keras.Model(inputs, features, name="encoder")
     decoders = {}
     for head in heads:
@@ -38,4 +49,5 @@ def build_hard_sharing(inputs, trunk, heads) -> Parts:
         decoders=decoders,
         supports_representation=True,
         shared_description="all trunk variables",
+        stages=stages,
     )

@@ -38,9 +38,7 @@ def expert_labels(model) -> dict:
 
 
 def _batches(data, steps):
-    import tensorflow as tf
-
-    if isinstance(data, tf.data.Dataset):
+    if hasattr(data, "element_spec") and hasattr(data, "take"):  # a tf.data.Dataset
         iterator = iter(data if steps is None else data.take(steps))
         for batch in iterator:
             yield batch[0] if isinstance(batch, tuple) else batch

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kmtl.registry import register
+
 import keras
 
 from kmtl.architectures import _common
@@ -11,6 +13,7 @@ from kmtl.architectures.layers import ExpertGate, ExpertMixture
 GATE_INPUTS = ("input", "stem")
 
 
+@register("architecture", "mmoe")
 def build_mmoe(inputs, trunk, heads, num_experts: int = 4, gate_input: str = "input") -> Parts:
     """MMoE: `num_experts` expert trunks mixed by one softmax gate per task.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kmtl.registry import register
+
 import keras
 
 from kmtl.architectures import _common
@@ -9,6 +11,7 @@ from kmtl.architectures.base import Parts
 from kmtl.architectures.layers import TaskAttention
 
 
+@register("architecture", "mtan")
 def build_mtan(inputs, trunk, heads) -> Parts:
     """A shared conv trunk with one attention module per task and conv stage.
 

@@ -35,6 +35,8 @@ References:
 
 from __future__ import annotations
 
+from kmtl.registry import register
+
 import keras
 
 from kmtl.architectures import _common
@@ -48,6 +50,7 @@ def _experts(trunk, prefix, count, bounds, x):
     return [_common.expert(trunk, f"{prefix}_{i}", *bounds, x) for i in range(count)]
 
 
+@register("architecture", "ple")
 def build_ple(
     inputs,
     trunk,
@@ -90,6 +93,7 @@ def build_ple(
     return _build(inputs, trunk, heads, num_levels, num_shared_experts, num_task_experts, gate_input, "ple")
 
 
+@register("architecture", "cgc")
 def build_cgc(
     inputs,
     trunk,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from kmtl.registry import register
+
 import warnings
 
 import keras
@@ -45,6 +47,7 @@ def _resolve_routes(input_names, head_names, routes) -> dict:
     return {h: routes[h] for h in head_names}
 
 
+@register("architecture", "task_routed")
 def build_task_routed(inputs, trunk, heads, routes: dict | None = None) -> Parts:
     """Each task reads its own input; one trunk is shared by all inputs.
 
