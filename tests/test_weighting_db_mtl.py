@@ -1,4 +1,3 @@
-import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -12,16 +11,34 @@ def _build(tasks=("a", "b"), **kwargs):
     return strategy
 
 
+def _combine(strategy, losses, present, values=None):
+    losses = tf.Variable(losses, dtype=tf.float32)
+    values = tf.constant(losses) if values is None else tf.constant(values, tf.float32)
+    with tf.GradientTape() as tape:
+        total, weights, new_state = strategy.combine(
+            losses, values, tf.constant(present), 0, strategy.state()
+        )
+    assert new_state == {}
+    return float(total), weights.numpy(), tape.gradient(total, losses).numpy()
+
+
 def test_total_is_sum_of_log_losses_and_gradient_is_inverse_loss():
     strategy = get("db_mtl")
     assert isinstance(strategy, DBMTL)
     strategy.build(["a", "b", "c"])
-    losses = tf.Variable([0.5, 2.0, 10.0])
-    with tf.GradientTape() as tape:
-        total = strategy.combine(losses, tf.constant([True, True, True]), 0)
-    np.testing.assert_allclose(float(total), np.log(0.5) + np.log(2.0) + np.log(10.0), rtol=1e-6)
-    np.testing.assert_allclose(tape.gradient(total, losses).numpy(), [2.0, 0.5, 0.1], rtol=1e-6)
-    np.testing.assert_allclose(strategy.task_weights.numpy(), [2.0, 0.5, 0.1], rtol=1e-6)
+    total, weights, grad = _combine(strategy, [0.5, 2.0, 10.0], [True, True, True])
+    np.testing.assert_allclose(total, np.log(0.5) + np.log(2.0) + np.log(10.0), rtol=1e-6)
+    np.testing.assert_allclose(grad, [2.0, 0.5, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(weights, [2.0, 0.5, 0.1], rtol=1e-6)
+
+
+def test_replica_shares_get_the_weights_of_the_global_values():
+    # Two replicas with shares s1 + s2 = L: the summed gradients are those of log(L).
+    strategy = _build()
+    values = [0.5, 4.0]
+    _, weights, grad = _combine(strategy, [0.1, 3.0], [True, True], values=values)
+    np.testing.assert_allclose(weights, [2.0, 0.25], rtol=1e-6)
+    np.testing.assert_allclose(grad, [2.0, 0.25], rtol=1e-6)
 
 
 def test_scale_invariance_of_the_update_direction():
@@ -32,57 +49,24 @@ def test_scale_invariance_of_the_update_direction():
     def grad(scale):
         with tf.GradientTape() as tape:
             losses = tf.stack([scale * tf.reduce_sum(tf.square(theta - 1.0)), tf.reduce_sum(tf.exp(theta))])
-            total = strategy.combine(losses, tf.constant([True, True]), 0)
+            total, _, _ = strategy.combine(losses, tf.stop_gradient(losses), tf.constant([True, True]), 0, {})
         return tape.gradient(total, theta).numpy()
 
     np.testing.assert_allclose(grad(1.0), grad(1000.0), rtol=1e-5)
 
 
-def test_masked_task_is_left_out_without_log_of_zero():
-    strategy = _build()
-    losses = tf.Variable([0.5, 0.0])
-    with tf.GradientTape() as tape:
-        total = strategy.combine(losses, tf.constant([True, False]), 0)
-    np.testing.assert_allclose(float(total), np.log(0.5), rtol=1e-6)
-    np.testing.assert_allclose(tape.gradient(total, losses).numpy(), [2.0, 0.0], rtol=1e-6)
-    np.testing.assert_allclose(strategy.task_weights.numpy(), [2.0, 0.0], rtol=1e-6)
-    total = strategy.combine(tf.constant([0.0, 0.0]), tf.constant([False, False]), 0)
-    assert float(total) == 0.0
-
-
-def test_zero_loss_of_a_present_task_is_finite():
+def test_masked_task_is_left_out_and_zero_loss_is_finite():
     strategy = _build(eps=1e-6)
-    total = strategy.combine(tf.constant([0.0, 1.0]), tf.constant([True, True]), 0)
-    np.testing.assert_allclose(float(total), np.log(1e-6) + np.log(1.0 + 1e-6), rtol=1e-6)
-    assert np.isfinite(strategy.task_weights.numpy()).all()
+    total, weights, grad = _combine(strategy, [0.5, 0.0], [True, False])
+    np.testing.assert_allclose(total, np.log(0.5 + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(grad, [1 / (0.5 + 1e-6), 0.0], rtol=1e-6)
+    np.testing.assert_allclose(weights, [1 / (0.5 + 1e-6), 0.0], rtol=1e-6)
+    total, weights, _ = _combine(strategy, [0.0, 1.0], [True, True])
+    np.testing.assert_allclose(total, np.log(1e-6) + np.log(1.0 + 1e-6), rtol=1e-6)
+    np.testing.assert_allclose(weights, [1e6, 1 / (1 + 1e-6)], rtol=1e-6)
 
 
-def test_one_task():
-    strategy = _build(("only",))
-    total = strategy.combine(tf.constant([np.e]), tf.constant([True]), 0)
-    np.testing.assert_allclose(float(total), 1.0, rtol=1e-6)
-
-
-@pytest.mark.parametrize("eps", [0.0, -1e-8, float("inf"), "1e-8"])
+@pytest.mark.parametrize("eps", [0.0, -1e-8, float("inf"), "1e-8", True])
 def test_rejects_bad_eps(eps):
     with pytest.raises(ValueError, match="`eps` must be a finite number > 0. Received: eps="):
         DBMTL(eps=eps)
-
-
-def test_serialization_round_trip():
-    strategy = _build(eps=1e-5, name="log_losses")
-    strategy.combine(tf.constant([0.5, 2.0]), tf.constant([True, True]), 0)
-    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(strategy))
-    assert isinstance(restored, DBMTL) and restored.get_config() == strategy.get_config()
-    assert restored.eps == 1e-5
-    restored.set_weights(strategy.get_weights())
-    np.testing.assert_allclose(restored.task_weights.numpy(), strategy.task_weights.numpy())
-
-
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_combine_in_tf_function(jit_compile):
-    strategy = _build()
-    fn = tf.function(strategy.combine, jit_compile=jit_compile)
-    total = fn(tf.constant([0.5, 4.0]), tf.constant([True, True]), tf.constant(0, tf.int64))
-    np.testing.assert_allclose(float(total), np.log(2.0), rtol=1e-5)
-    np.testing.assert_allclose(strategy.task_weights.numpy(), [2.0, 0.25], rtol=1e-5)

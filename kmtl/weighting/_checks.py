@@ -34,9 +34,9 @@ def number(
     if not ok:
         parts = []
         if low is not None:
-            parts.append(f"{'>' if low_open else '>='} {low}")
+            parts.append(f"{'>' if low_open else '>='} {low:g}")
         if high is not None:
-            parts.append(f"{'<' if high_open else '<='} {high}")
+            parts.append(f"{'<' if high_open else '<='} {high:g}")
         bound = f" {' and '.join(parts)}" if parts else ""
         raise ValueError(f"`{argument}` must be a finite number{bound}. Received: {argument}={value!r}")
     return float(value)
@@ -50,7 +50,11 @@ def integer(value, argument: str, low: int | None = None, high: int | None = Non
     if ok and high is not None:
         ok = int(value) <= high
     if not ok:
-        bounds = {(True, True): f" in [{low}, {high}]", (True, False): f" >= {low}", (False, True): f" <= {high}"}
+        bounds = {
+            (True, True): f" in [{low}, {high}]",
+            (True, False): f" >= {low}",
+            (False, True): f" <= {high}",
+        }
         bound = bounds.get((low is not None, high is not None), "")
         raise ValueError(f"`{argument}` must be an integer{bound}. Received: {argument}={value!r}")
     return int(value)
@@ -81,8 +85,18 @@ def task_names(names) -> list[str]:
         raise ValueError(f"Task names must be a list of strings. Received: {names!r}")
     names = list(names)
     if not names or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"A weighting strategy needs a non-empty list of distinct task names. Received: {names!r}")
+        raise ValueError(
+            f"A weighting strategy needs a non-empty list of distinct task names. Received: {names!r}"
+        )
     return names
+
+
+def names(value, argument: str) -> tuple[str, ...]:
+    """A list (or tuple) of non-empty strings, e.g. task names checked later with `names_subset`."""
+    ok = isinstance(value, (list, tuple)) and all(isinstance(n, str) and n for n in value)
+    if not ok:
+        raise ValueError(f"`{argument}` must be a list of task names. Received: {argument}={value!r}")
+    return tuple(value)
 
 
 def names_subset(names, argument: str, tasks: Sequence[str]) -> tuple[str, ...]:

@@ -41,13 +41,21 @@ def key(seed: int, counter):
     return _fold(_fold(base, ops.right_shift(count, 32)), count)
 
 
-def uniform(draw_key, shape, stream: int = 0):
-    """Uniform float32 in [0, 1) of `shape`: a pure function of `(draw_key, stream)`."""
+def _bits(draw_key, size, stream: int):
+    """`[size]` int64 hashes (32-bit values) of `(draw_key, stream, index)`."""
+    return _fold(_fold(draw_key, stream), ops.arange(size, dtype="int64"))
+
+
+def _size(shape):
     size = 1
     for dim in shape:
         size = size * dim
-    base = _fold(draw_key, stream)
-    bits = _fold(base, ops.arange(size, dtype="int64"))
+    return size
+
+
+def uniform(draw_key, shape, stream: int = 0):
+    """Uniform float32 in [0, 1) of `shape`: a pure function of `(draw_key, stream)`."""
+    bits = _bits(draw_key, _size(shape), stream)
     values = ops.cast(ops.right_shift(bits, 8), "float32") * (2.0**-24)
     return ops.reshape(values, shape)
 
@@ -60,8 +68,16 @@ def normal(draw_key, shape, stream: int = 0):
 
 
 def orders(draw_key, num_tasks: int):
-    """`[T, T]` int32: row i is a random permutation of the tasks (used by PCGrad)."""
-    return ops.cast(ops.argsort(uniform(draw_key, (num_tasks, num_tasks)), axis=1), "int32")
+    """`[T, T]` int32: row i is a random permutation of the tasks (used by PCGrad and GradVac).
+
+    Row i sorts the uniform numbers `uniform(draw_key, (T, T))[i]`; equal
+    numbers (rare: 24 bits) are ordered by column, so the permutation is the
+    same on every backend and with or without XLA.
+    """
+    bits = ops.right_shift(_bits(draw_key, num_tasks * num_tasks, 0), 8)
+    column = ops.tile(ops.arange(num_tasks, dtype="int64"), (num_tasks,))
+    keys = ops.reshape(bits * num_tasks + column, (num_tasks, num_tasks))
+    return ops.cast(ops.argsort(keys, axis=1), "int32")
 
 
 __all__ = ["key", "normal", "orders", "uniform"]

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import math
-
-import keras
 from keras import ops
 
+from kmtl.registry import register
+from kmtl.weighting import _checks
 from kmtl.weighting.base import Weighting
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "dwa")
 class DWA(Weighting):
     """Dynamic Weight Average: weights from the rate of change of each loss.
 
@@ -26,10 +25,10 @@ class DWA(Weighting):
     is taken as 1, so during the first two epochs every weight is 1.
 
     State (non-trainable variables): the running sum and count of each
-    task's loss in the current epoch, updated in `combine` from the
-    replica-averaged loss values (an absent task, or a non-finite loss,
-    records nothing), and the
-    last two epoch means, shifted in `on_epoch_end`. The training loop must
+    task's loss in the current epoch, which `combine` returns updated with
+    the global loss values of the batch (an absent task, or a non-finite
+    loss, records nothing; a rejected batch is not committed), and the last
+    two epoch means, shifted in `on_epoch_end`. The training loop must
     therefore call `on_epoch_end(epoch)` once at the end of every epoch (a
     task absent for a whole epoch keeps its previous means).
 
@@ -47,8 +46,11 @@ class DWA(Weighting):
     >>> strategy = DWA(temperature=2.0)
     >>> strategy.build(["digit", "parity"])
     >>> losses, present = keras.ops.array([0.5, 2.0]), keras.ops.array([True, True])
-    >>> float(strategy.combine(losses, present, 0))  # first epoch: weights 1
-    2.5
+    >>> total, weights, new_state = strategy.combine(losses, losses, present, 0, strategy.state())
+    >>> float(total), weights.numpy().tolist()  # first epoch: weights 1
+    (2.5, [1.0, 1.0])
+    >>> new_state["epoch_loss_sum"].numpy().tolist()
+    [0.5, 2.0]
 
     References:
         Liu, Johns and Davison. End-to-End Multi-Task Learning with
@@ -59,16 +61,7 @@ class DWA(Weighting):
 
     def __init__(self, temperature: float = 2.0, **kwargs):
         super().__init__(**kwargs)
-        if (
-            isinstance(temperature, bool)
-            or not isinstance(temperature, (int, float))
-            or not math.isfinite(temperature)
-            or temperature <= 0
-        ):
-            raise ValueError(
-                f"`temperature` must be a finite number > 0. Received: temperature={temperature!r}"
-            )
-        self.temperature = float(temperature)
+        self.temperature = _checks.number(temperature, "temperature", low=0.0, low_open=True)
 
     def build_state(self, num_tasks: int) -> None:
         shape = (num_tasks,)
@@ -80,35 +73,41 @@ class DWA(Weighting):
         self.previous_means = self.add_state("previous_means", shape, "ones")
         self.history = self.add_state("history", shape)
 
-    def current_weights(self, present):
-        """Weights `w_t` for the current epoch given the `[T]` presence mask."""
+    def current_weights(self, present, state=None):
+        """Weights `w_t` of the current epoch for the `[T]` presence mask.
+
+        Pure: reads `state` (default: the current state).
+        """
+        state = self.state() if state is None else state
+        present = ops.cast(present, "bool")
         mask = ops.cast(present, "float32")
-        full = ops.cast(self.history >= 2.0, "float32")
-        ratio = ops.divide_no_nan(self.last_means, self.previous_means)
-        ratio = full * ratio + (1.0 - full) * ops.ones_like(ratio)
+        full = state["history"] >= 2.0
+        ratio = ops.divide_no_nan(state["last_means"], state["previous_means"])
+        ratio = ops.where(full, ratio, ops.ones_like(ratio))
         logits = ratio / self.temperature
         # Softmax over present tasks only (finite fill so that an all-absent
         # batch gives zeros, not NaN).
         logits = ops.where(present, logits, ops.full_like(logits, -1e30))
         exp = ops.exp(logits - ops.max(logits)) * mask
-        count = ops.sum(mask)
-        return count * exp / ops.maximum(ops.sum(exp), 1e-30)
+        return ops.sum(mask) * exp / ops.maximum(ops.sum(exp), 1e-30)
 
-    def combine(self, losses, present, step):
-        values = ops.cast(self.synced(ops.stop_gradient(losses)), "float32")
-        # A non-finite loss (a step the model discards) is not recorded either.
+    def combine(self, losses, values, present, step, state):
+        present = ops.cast(present, "bool")
+        values = ops.cast(values, "float32")
         record = ops.logical_and(present, ops.isfinite(values))
-        self.epoch_loss_sum.assign_add(ops.where(record, values, ops.zeros_like(values)))
-        self.epoch_loss_count.assign_add(ops.cast(record, "float32"))
-        weights = self.current_weights(present)
-        self.task_weights.assign(weights)
-        return ops.sum(ops.cast(weights, losses.dtype) * losses)
+        new_state = {
+            "epoch_loss_sum": state["epoch_loss_sum"] + ops.where(record, values, ops.zeros_like(values)),
+            "epoch_loss_count": state["epoch_loss_count"] + ops.cast(record, "float32"),
+        }
+        weights = self.current_weights(present, state)
+        safe = ops.where(present, losses, ops.zeros_like(losses))
+        return ops.sum(ops.cast(weights, losses.dtype) * safe), weights, new_state
 
     def on_epoch_end(self, epoch: int) -> None:
         """Shifts the epoch means and resets the running sums.
 
-        Must be called once at the end of every training epoch, outside
-        `tf.function` or inside it.
+        Must be called once at the end of every training epoch (eagerly or
+        inside `tf.function`).
         """
         count = self.epoch_loss_count
         seen = count > 0.0

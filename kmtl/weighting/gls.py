@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
-import math
-
-import keras
 from keras import ops
 
+from kmtl.registry import register
+from kmtl.weighting import _checks
 from kmtl.weighting.base import Weighting
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "gls")
 class GLS(Weighting):
     """Geometric loss strategy: minimise the geometric mean of the losses.
 
-        total = (prod_{t present} L_t) ^ (1 / P)
-              = exp(mean_{t present} log(L_t + eps))
+        objective = (prod_{t present} L_t) ^ (1 / P)
+                  = exp(mean_{t present} log(L_t + eps))
 
     over the `P` tasks present in the batch, computed in log space (no
     product of many small numbers). Its gradient is
-    `sum_t total / (P * L_t) * grad L_t`, so the logged task weight is
-    `total / (P * (L_t + eps))`: tasks with small losses get large weights,
-    and the result does not depend on the scale of any one loss. Absent
-    tasks are left out (no `log(0)`); if no task is present the total is 0.
+    `sum_t objective / (P * L_t) * grad L_t`, so the logged task weight is
+    `w_t = objective / (P * (L_t + eps))`, computed from the global loss
+    values of the batch: tasks with small losses get large weights, and the
+    direction does not depend on the scale of any one loss. `combine`
+    returns the first-order form around those values,
+    `objective(values) + sum_t w_t (L_t - values_t)`: the geometric mean
+    itself when the losses are the global values, and exactly its gradient
+    on every replica. Absent tasks are left out (no `log(0)`); if no task
+    is present the total is 0.
 
     Args:
         eps: constant added to every loss inside the log (> 0).
@@ -37,9 +41,10 @@ class GLS(Weighting):
     >>> from kmtl.weighting import GLS
     >>> strategy = GLS()
     >>> strategy.build(["digit", "parity"])
-    >>> total = strategy.combine(keras.ops.array([0.5, 2.0]), keras.ops.array([True, True]), 0)
-    >>> round(float(total), 5)  # sqrt(0.5 * 2.0)
-    1.0
+    >>> losses, present = keras.ops.array([0.5, 2.0]), keras.ops.array([True, True])
+    >>> total, weights, _ = strategy.combine(losses, losses, present, 0, strategy.state())
+    >>> round(float(total), 5), [round(float(w), 5) for w in weights]  # sqrt(0.5 * 2.0)
+    (1.0, [1.0, 0.25])
 
     References:
         Chennupati, Sistu, Yogamani and Rawashdeh. MultiNet++: Multi-Stream
@@ -51,19 +56,22 @@ class GLS(Weighting):
 
     def __init__(self, eps: float = 1e-8, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-            raise ValueError(f"`eps` must be a finite number > 0. Received: eps={eps!r}")
-        self.eps = float(eps)
+        self.eps = _checks.number(eps, "eps", low=0.0, low_open=True)
 
-    def combine(self, losses, present, step):
-        mask = ops.cast(present, losses.dtype)
+    def combine(self, losses, values, present, step, state):
+        dtype = losses.dtype
+        present = ops.cast(present, "bool")
+        mask = ops.cast(present, dtype)
+        values = ops.where(present, ops.cast(values, dtype), ops.zeros_like(losses))
         count = ops.sum(mask)
-        shifted = ops.where(present, losses + self.eps, ops.ones_like(losses))
-        mean_log = ops.sum(mask * ops.log(shifted)) / ops.maximum(count, 1.0)
-        total = ops.exp(mean_log) * ops.minimum(count, 1.0)
-        weights = ops.stop_gradient(total) * mask / (ops.maximum(count, 1.0) * ops.stop_gradient(shifted))
-        self.task_weights.assign(ops.cast(weights, self.task_weights.dtype))
-        return total
+        shifted = ops.where(present, values + self.eps, ops.ones_like(values))
+        logs = ops.where(present, ops.log(shifted), ops.zeros_like(shifted))
+        mean_log = ops.sum(logs) / ops.maximum(count, 1.0)
+        objective = ops.exp(mean_log) * ops.minimum(count, 1.0)
+        weights = objective * mask / (ops.maximum(count, 1.0) * shifted)
+        safe = ops.where(present, losses, ops.zeros_like(losses))
+        total = objective + ops.sum(weights * (safe - values))
+        return total, weights, {}
 
     def get_config(self):
         base_config = super().get_config()

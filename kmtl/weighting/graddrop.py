@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import keras
-import tensorflow as tf
+from keras import ops
 
-from kmtl.weighting import _solvers
+from kmtl.registry import register
+from kmtl.weighting import _checks, _random
 from kmtl.weighting.base import Weighting
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "graddrop")
 class GradDrop(Weighting):
     """Gradient sign dropout.
 
@@ -34,16 +34,19 @@ class GradDrop(Weighting):
     kmtl does not pre-multiply by `sign(representation)` (the paper's
     correction for the sign of the activations): for a non-negative (ReLU)
     representation this makes no difference to the trunk's gradient. In
-    `mode="parameters"` the mask is per parameter coordinate.
+    `mode="parameters"` the mask is per parameter coordinate. `aggregate(G)`
+    always reads `G` as `[T, D]` coordinates (one mask entry per column).
 
     GradDrop is not Gram-based (it works coordinate by coordinate), so it
     overrides `combine_gradients`. Its logged task weights are the
     fractions of each task's gradient mass (L1) that were kept; with
     `update_every > 1` the steps in between use these fractions as fixed
     weights. Absent tasks have zero gradients, take no part in the purity
-    and get weight 0. Random numbers come from a stateless generator keyed by
-    `(seed, draw counter)`: the same on every replica and with or without
-    XLA, reproducible for a seed, continued after a reload.
+    and get weight 0. Random numbers come from the stateless generator of
+    `kmtl.weighting._random`, keyed by `(seed, draw counter)`: the same on
+    every replica and with or without XLA, reproducible for a seed,
+    continued after a reload; the counter advances with every committed
+    step.
 
     Under `tf.distribute.MirroredStrategy` in representation mode, each
     replica computes the purity from its own part of the batch (the
@@ -60,7 +63,8 @@ class GradDrop(Weighting):
         **kwargs: base `Weighting` arguments (`update_every`, `mode`, `name`).
 
     Raises:
-        ValueError: for a `leak` outside [0, 1] or a bad `seed`.
+        ValueError: for a `leak` outside [0, 1] or a `seed` that is not a
+            non-negative integer.
 
     Example:
 
@@ -82,52 +86,68 @@ class GradDrop(Weighting):
 
     def __init__(self, leak: float = 0.0, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(leak, bool) or not isinstance(leak, (int, float)) or not 0 <= float(leak) <= 1:
-            raise ValueError(f"`leak` must be a number in [0, 1]. Received: leak={leak!r}")
-        self.leak = float(leak)
-        self.seed = _solvers.check_seed(seed)
+        self.leak = _checks.number(leak, "leak", low=0.0, high=1.0)
+        self.seed = _checks.seed(seed)
 
     def build_state(self, num_tasks: int) -> None:
         self.draws = self.add_state("draws", (), "zeros", dtype="int64")
 
-    def combine_gradients(self, grads, losses, present, step):
-        return self._drop(grads, present, batch_separated=self.mode == "representation")
+    def combine_gradients(self, grads, values, present, step, state):
+        return self.drop(grads, present, state, batch_separated=self.mode == "representation")
 
-    def aggregate(self, G):
-        """Pure function form: `[T, D]` -> `[D]`, one mask entry per coordinate (no batch axis)."""
-        G = tf.convert_to_tensor(G)
+    def aggregate(self, G, losses=None, present=None, step: int = 0):
+        """Matrix in, vector out: `[T, D]` -> `[D]`, one mask entry per column of `G` in every mode.
+
+        Pure, like `Weighting.aggregate`: uses the current draw counter (0
+        if the strategy is not built) and changes nothing.
+        """
+        G = ops.convert_to_tensor(G)
+        if len(G.shape) != 2:
+            raise ValueError(f"`G` must be a [num_tasks, dim] matrix. Received: shape={tuple(G.shape)}")
         num_tasks = int(G.shape[0])
-        if not self.built:
-            self.build([f"task_{i}" for i in range(num_tasks)])
-        return self._drop([G], tf.ones((num_tasks,), tf.bool), batch_separated=False)[0]
+        if self.built and self.num_tasks != num_tasks:
+            raise ValueError(
+                f"GradDrop was built for {self.num_tasks} tasks. Received: G with {num_tasks} rows"
+            )
+        present = ops.ones((num_tasks,), "bool") if present is None else ops.cast(present, "bool")
+        state = self.state() if self.built else {"draws": ops.zeros((), "int64")}
+        combined, _, _ = self.drop([G], present, state, batch_separated=False)
+        return combined[0]
 
-    def _drop(self, grads, present, batch_separated):
-        key = _solvers.next_key(self.seed, self.draws)
+    def drop(self, grads, present, state, batch_separated: bool):
+        """Pure GradDrop of stacked gradients: `(combined, kept_fractions, new_state)`.
+
+        `batch_separated`: `grads` are `[T, batch, *features]` and the mask
+        is computed on their sum over the batch axis.
+        """
+        present = ops.cast(present, "bool")
+        key = _random.key(self.seed, state["draws"])
         kept_mass, total_mass, combined = 0.0, 0.0, []
         for index, g in enumerate(grads):
-            present_shape = tf.concat([[-1], tf.ones_like(tf.shape(g))[1:]], 0)
-            g = g * tf.reshape(tf.cast(present, g.dtype), present_shape)
-            signal = tf.reduce_sum(g, axis=1) if batch_separated else g
-            total = tf.reduce_sum(signal, axis=0)
-            magnitude = tf.reduce_sum(tf.abs(signal), axis=0)
-            ratio = tf.where(
-                magnitude > 0, total / tf.where(magnitude > 0, magnitude, tf.ones_like(magnitude)), 0.0
-            )
+            g = ops.convert_to_tensor(g)
+            rank = len(g.shape)
+            g = ops.where(ops.reshape(present, (-1,) + (1,) * (rank - 1)), g, ops.zeros_like(g))
+            signal = ops.sum(g, axis=1) if batch_separated else g
+            total = ops.sum(signal, axis=0)
+            magnitude = ops.sum(ops.abs(signal), axis=0)
+            nonzero = magnitude > 0
+            ratio = ops.where(nonzero, total / ops.where(nonzero, magnitude, ops.ones_like(magnitude)), 0.0)
             purity = 0.5 * (1.0 + ratio)
-            noise = tf.cast(_solvers.uniform(key, tf.shape(purity), stream=index), g.dtype)
-            keep = tf.where(signal > 0, purity > noise, tf.where(signal < 0, purity < noise, False))
-            factor = self.leak + (1.0 - self.leak) * tf.cast(keep, g.dtype)
+            noise = ops.cast(_random.uniform(key, tuple(ops.shape(purity)), stream=index), g.dtype)
+            keep = ops.logical_or(
+                ops.logical_and(signal > 0, purity > noise), ops.logical_and(signal < 0, purity < noise)
+            )
+            factor = self.leak + (1.0 - self.leak) * ops.cast(keep, g.dtype)
             if batch_separated:
-                factor = tf.expand_dims(factor, 1)
+                factor = ops.expand_dims(factor, 1)
             kept = factor * g
-            combined.append(tf.reduce_sum(kept, axis=0))
-            num_tasks = tf.shape(g)[0]
-            kept_mass += tf.reduce_sum(tf.abs(tf.reshape(kept, (num_tasks, -1))), axis=1)
-            total_mass += tf.reduce_sum(tf.abs(tf.reshape(g, (num_tasks, -1))), axis=1)
-        fraction = tf.where(total_mass > 0, kept_mass / tf.where(total_mass > 0, total_mass, 1.0), 1.0)
-        weights = fraction * tf.cast(present, fraction.dtype)
-        self.task_weights.assign(tf.cast(weights, self.task_weights.dtype))
-        return combined
+            combined.append(ops.sum(kept, axis=0))
+            kept_mass += ops.sum(ops.reshape(ops.abs(kept), (ops.shape(g)[0], -1)), axis=1)
+            total_mass += ops.sum(ops.reshape(ops.abs(g), (ops.shape(g)[0], -1)), axis=1)
+        has_mass = total_mass > 0
+        fraction = ops.where(has_mass, kept_mass / ops.where(has_mass, total_mass, 1.0), 1.0)
+        weights = ops.where(present, ops.cast(fraction, "float32"), 0.0)
+        return combined, weights, {"draws": state["draws"] + 1}
 
     def get_config(self):
         base_config = super().get_config()

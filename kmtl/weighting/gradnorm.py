@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import keras
-import tensorflow as tf
+from keras import ops
 
+from kmtl.registry import register
+from kmtl.weighting import _checks
 from kmtl.weighting.base import Weighting
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "gradnorm")
 class GradNorm(Weighting):
     """Gradient normalization: task weights that equalise the tasks' training rates.
 
@@ -31,27 +32,32 @@ class GradNorm(Weighting):
     in kmtl: it needs the per-task gradient norms). A task whose loss grows
     relative to the others (slow training, `r_t > 1`) gets a larger weight.
 
-    `L_t(0)` is the first loss seen for task `t` (recorded the first time
-    the task is present). Absent tasks have weight 0 in the update and
-    their `w_t` and `L_t(0)` are left unchanged.
+    `L_t(0)` is the first global loss value seen for task `t` (recorded the
+    first time the task is present). Absent tasks have weight 0 in the
+    update and their `w_t` and `L_t(0)` are left unchanged.
 
     Args:
         alpha: asymmetry `alpha >= 0` (1.5 in the paper; 0 equalises the
             gradient norms).
         learning_rate: step size of the weight update (> 0).
-        **kwargs: base `Weighting` arguments (`update_every`, `mode`, `name`).
+        **kwargs: base `Weighting` arguments (`update_every`, `mode`,
+            `engine`, `name`).
 
     Raises:
-        ValueError: for a negative `alpha` or a non-positive `learning_rate`.
+        ValueError: for a negative or non-finite `alpha` or a non-positive
+            `learning_rate`.
 
     Example:
 
     >>> import numpy as np
     >>> from kmtl.weighting import GradNorm
     >>> strategy = GradNorm(learning_rate=0.1)
-    >>> d = strategy.aggregate(np.array([[1.0, 0.0], [0.0, 4.0]]))
-    >>> np.round(strategy.learned_weights.numpy(), 4)  # task 1 has the smaller norm: it gains weight
-    array([1.1064, 0.8936], dtype=float32)
+    >>> strategy.build(["digit", "parity"])
+    >>> G = np.array([[1.0, 0.0], [0.0, 4.0]], "float32")
+    >>> alpha, new_state = strategy.weights_from_gram(G @ G.T, np.ones(2, "float32"),
+    ...                                               np.array([True, True]), 0, strategy.state())
+    >>> alpha.numpy(), np.round(new_state["learned_weights"].numpy(), 4)  # task 0 has the smaller norm
+    (array([1., 1.], dtype=float32), array([1.1064, 0.8936], dtype=float32))
 
     References:
         Chen, Badrinarayanan, Lee and Rabinovich. GradNorm: Gradient
@@ -64,54 +70,45 @@ class GradNorm(Weighting):
 
     def __init__(self, alpha: float = 1.5, learning_rate: float = 0.025, **kwargs):
         super().__init__(**kwargs)
-        if (
-            isinstance(alpha, bool)
-            or not isinstance(alpha, (int, float))
-            or not 0 <= float(alpha) < float("inf")
-        ):
-            raise ValueError(f"`alpha` must be a finite number >= 0. Received: alpha={alpha!r}")
-        if (
-            isinstance(learning_rate, bool)
-            or not isinstance(learning_rate, (int, float))
-            or not 0 < float(learning_rate) < float("inf")
-        ):
-            raise ValueError(
-                f"`learning_rate` must be a finite number > 0. Received: learning_rate={learning_rate!r}"
-            )
-        self.alpha = float(alpha)
-        self.learning_rate = float(learning_rate)
+        self.alpha = _checks.number(alpha, "alpha", low=0.0)
+        self.learning_rate = _checks.number(learning_rate, "learning_rate", low=0.0, low_open=True)
 
     def build_state(self, num_tasks: int) -> None:
         self.learned_weights = self.add_state("learned_weights", (num_tasks,), "ones")
         self.initial_losses = self.add_state("initial_losses", (num_tasks,), "zeros")
         self.seen = self.add_state("seen", (num_tasks,), "zeros")
 
-    def weights_from_gram(self, gram, losses, present, step):
-        mask = tf.cast(present, tf.float32)
-        losses = tf.cast(losses, tf.float32)
-        first = mask * (1.0 - self.seen)
-        initial = first * losses + (1.0 - first) * self.initial_losses
-        self.initial_losses.assign(initial)
-        self.seen.assign(tf.maximum(self.seen, mask))
+    def weights_from_gram(self, gram, values, present, step, state):
+        gram = ops.convert_to_tensor(gram)
+        present = ops.cast(present, "bool")
+        mask = ops.cast(present, "float32")
+        values = ops.where(present, ops.cast(values, "float32"), ops.zeros_like(mask))
+        first = mask * (1.0 - state["seen"])
+        initial = first * values + (1.0 - first) * state["initial_losses"]
 
-        w = tf.convert_to_tensor(self.learned_weights)
+        w = state["learned_weights"]
         alpha = w * mask
-        count = tf.maximum(tf.reduce_sum(mask), 1.0)
-        norms = tf.sqrt(tf.maximum(tf.cast(tf.linalg.diag_part(gram), tf.float32), 0.0)) * mask
-        mean_norm = tf.reduce_sum(norms) / count
-        ratios = tf.where(initial > 0, losses / tf.where(initial > 0, initial, 1.0), 1.0) * mask
-        mean_ratio = tf.reduce_sum(ratios) / count
-        relative = tf.where(mean_ratio > 0, ratios / tf.where(mean_ratio > 0, mean_ratio, 1.0), 1.0)
+        count = ops.maximum(ops.sum(mask), 1.0)
+        norms = ops.sqrt(ops.maximum(ops.cast(ops.diagonal(gram), "float32"), 0.0)) * mask
+        mean_norm = ops.sum(norms) / count
+        has_initial = initial > 0
+        ratios = ops.where(has_initial, values / ops.where(has_initial, initial, 1.0), 1.0) * mask
+        mean_ratio = ops.sum(ratios) / count
+        relative = ops.where(mean_ratio > 0, ratios / ops.where(mean_ratio > 0, mean_ratio, 1.0), 1.0)
         weighted_norms = w * norms
-        target = tf.reduce_sum(weighted_norms) / count * tf.pow(relative, self.alpha)
-        gradient = tf.sign(weighted_norms - target) * norms
-        gradient = tf.where(mean_norm > 0, gradient / tf.where(mean_norm > 0, mean_norm, 1.0), 0.0) * mask
-        stepped = tf.maximum(w - self.learning_rate * gradient, 1e-6)
-        present_sum = tf.reduce_sum(w * mask)
-        stepped_sum = tf.reduce_sum(stepped * mask)
-        renormalised = stepped * present_sum / tf.maximum(stepped_sum, 1e-30)
-        self.learned_weights.assign(tf.where(present, renormalised, w))
-        return tf.cast(alpha, gram.dtype)
+        target = ops.sum(weighted_norms) / count * ops.power(relative, self.alpha)
+        gradient = ops.sign(weighted_norms - target) * norms
+        gradient = ops.where(mean_norm > 0, gradient / ops.where(mean_norm > 0, mean_norm, 1.0), 0.0) * mask
+        stepped = ops.maximum(w - self.learning_rate * gradient, 1e-6)
+        present_sum = ops.sum(w * mask)
+        stepped_sum = ops.sum(stepped * mask)
+        renormalised = stepped * present_sum / ops.maximum(stepped_sum, 1e-30)
+        new_state = {
+            "learned_weights": ops.where(present, renormalised, w),
+            "initial_losses": initial,
+            "seen": ops.maximum(state["seen"], mask),
+        }
+        return ops.cast(alpha, gram.dtype), new_state
 
     def get_config(self):
         base_config = super().get_config()

@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-import random
-
-import keras
 from keras import ops
 
+from kmtl.registry import register
+from kmtl.weighting import _checks, _random
 from kmtl.weighting.base import Weighting
 
-_DISTRIBUTIONS = ("normal", "uniform", "dirichlet")
+DISTRIBUTIONS = ("normal", "uniform", "dirichlet")
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "rlw")
 class RLW(Weighting):
     """Random loss weighting: fresh random task weights at every step.
 
-    At every call of `combine`, `T` numbers are drawn and normalised over
-    the tasks present in the batch, and `total = sum_t w_t * L_t`:
+    At every step `T` numbers are drawn and normalised over the tasks
+    present in the batch, and `total = sum_t w_t * L_t`:
 
     * `"normal"` (default, the paper's main variant): `w = softmax(x)`,
       `x_t ~ N(0, 1)`;
@@ -29,23 +28,23 @@ class RLW(Weighting):
     the paper, so the loss is on the scale of a mean, not a sum, of the
     task losses.
 
-    Randomness is stateless and graph-safe: draw `n` uses the seed pair
-    `(seed, n)` with TensorFlow's Philox generator, where the draw counter `n` is a non-trainable variable.
-    The sequence of weights is therefore reproducible for a seed, identical
-    on every replica, and resumes where it stopped after a checkpoint or a
-    `.keras` reload. (Eager and `tf.function` runs give the same numbers;
-    an XLA-compiled step (`jit_compile=True`) uses XLA's own Philox kernel
-    and draws a different, equally reproducible, sequence.)
+    Randomness is stateless (`kmtl.weighting._random`): draw `n` is a pure
+    function of `(seed, n)`, where the draw counter `n` is a state variable
+    that advances by one with every committed step (a rejected batch does
+    not consume a draw). The sequence of weights is therefore reproducible
+    for a seed, identical on every replica and with or without XLA, and
+    resumes where it stopped after a checkpoint or a `.keras` reload.
 
     Args:
         distribution: `"normal"`, `"uniform"` or `"dirichlet"`.
-        seed: integer seed. `None` draws one at construction; the drawn
-            value is part of the config, so a reloaded strategy continues
-            the same sequence.
+        seed: integer seed in [0, 2**63). `None` draws one at construction;
+            the drawn value is part of the config, so a reloaded strategy
+            continues the same sequence.
         **kwargs: base `Weighting` arguments (`name`).
 
     Raises:
-        ValueError: for an unknown `distribution` or a non-integer `seed`.
+        ValueError: for an unknown `distribution` or a `seed` that is not a
+            non-negative integer.
 
     Example:
 
@@ -53,9 +52,10 @@ class RLW(Weighting):
     >>> from kmtl.weighting import RLW
     >>> strategy = RLW(seed=1)
     >>> strategy.build(["digit", "parity"])
-    >>> _ = strategy.combine(keras.ops.array([0.5, 2.0]), keras.ops.array([True, True]), 0)
-    >>> round(float(keras.ops.sum(strategy.task_weights)), 5)
-    1.0
+    >>> losses, present = keras.ops.array([0.5, 2.0]), keras.ops.array([True, True])
+    >>> _, weights, new_state = strategy.combine(losses, losses, present, 0, strategy.state())
+    >>> round(float(keras.ops.sum(weights)), 5), int(new_state["draws"])
+    (1.0, 1)
 
     References:
         Lin, Ye, Xu, Shi and Zhang. Reasonable Effectiveness of Random
@@ -67,44 +67,35 @@ class RLW(Weighting):
 
     def __init__(self, distribution: str = "normal", seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        if distribution not in _DISTRIBUTIONS:
-            raise ValueError(
-                f"`distribution` must be one of {_DISTRIBUTIONS}. Received: distribution={distribution!r}"
-            )
-        if seed is None:
-            seed = random.SystemRandom().randrange(2**31)
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
-            raise ValueError(f"`seed` must be an integer in [0, 2**63) or None. Received: seed={seed!r}")
-        self.distribution = distribution
-        self.seed = seed
+        self.distribution = _checks.choice(distribution, "distribution", DISTRIBUTIONS)
+        self.seed = _checks.seed(seed)
 
     def build_state(self, num_tasks: int) -> None:
         self.draws = self.add_state("draws", (), "zeros", dtype="int64")
 
-    def sample(self, present):
-        """Draws the next `[T]` weights (advancing the draw counter)."""
-        import tensorflow as tf
-
-        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.identity(self.draws.value)])
-        self.draws.assign_add(ops.convert_to_tensor(1, dtype="int64"))
+    def sample(self, present, state):
+        """The `[T]` weights of draw number `state["draws"]` (pure)."""
+        present = ops.cast(present, "bool")
+        key = _random.key(self.seed, state["draws"])
         shape = (self.num_tasks,)
         mask = ops.cast(present, "float32")
         if self.distribution == "dirichlet":
-            uniform = tf.random.stateless_uniform(shape, seed=seed, minval=1e-12, maxval=1.0, alg="philox")
-            x = -ops.log(uniform) * mask
+            x = -ops.log(1.0 - _random.uniform(key, shape)) * mask  # Exp(1): 1 - u is in (0, 1]
             return x / ops.maximum(ops.sum(x), 1e-30)
         if self.distribution == "normal":
-            x = tf.random.stateless_normal(shape, seed=seed, alg="philox")
+            x = _random.normal(key, shape)
         else:
-            x = tf.random.stateless_uniform(shape, seed=seed, alg="philox")
+            x = _random.uniform(key, shape)
         x = ops.where(present, x, ops.full_like(x, -1e30))
         exp = ops.exp(x - ops.max(x)) * mask
         return exp / ops.maximum(ops.sum(exp), 1e-30)
 
-    def combine(self, losses, present, step):
-        weights = self.sample(present)
-        self.task_weights.assign(weights)
-        return ops.sum(ops.cast(weights, losses.dtype) * losses)
+    def combine(self, losses, values, present, step, state):
+        present = ops.cast(present, "bool")
+        weights = self.sample(present, state)
+        safe = ops.where(present, losses, ops.zeros_like(losses))
+        total = ops.sum(ops.cast(weights, losses.dtype) * safe)
+        return total, weights, {"draws": state["draws"] + 1}
 
     def get_config(self):
         base_config = super().get_config()
