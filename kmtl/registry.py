@@ -10,8 +10,8 @@ saved file may name is left unregistered.
 Example:
 
 >>> from kmtl import registry
->>> registry.names("weighting")[:3]
-['equal', 'static', 'uncertainty']
+>>> registry.names("weighting")[:2]
+['aligned_mtl', 'cagrad']
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from kmtl.data import emnist, recipes
 from kmtl.data.idx import IDXError, read_idx, write_idx
 from kmtl.data.mixing import mix
 from kmtl.data.recipes import multi_mnist, multi_mnist_arrays
-from kmtl.data.sources import DATASETS, SOURCES, clear_cache, data_dir, load_arrays, parse_split
+from kmtl.data.sources import DATASETS, SOURCES, available, clear_cache, data_dir, load_arrays, parse_split
 from kmtl.data.task_specs import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_GROUP_OF_CLASS,
@@ -43,6 +43,7 @@ __all__ = [
     "FASHION_MNIST_GROUP_OF_CLASS",
     "IDXError",
     "SOURCES",
+    "available",
     "available_tasks",
     "class_names",
     "clear_cache",

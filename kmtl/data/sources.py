@@ -53,7 +53,7 @@ import numpy as np
 from kmtl.data import emnist as _emnist
 from kmtl.data.idx import IDXError, read_idx
 
-__all__ = ["DATASETS", "SOURCES", "clear_cache", "data_dir", "load_arrays", "parse_split"]
+__all__ = ["DATASETS", "SOURCES", "available", "clear_cache", "data_dir", "load_arrays", "parse_split"]
 
 DATASETS = ("mnist", "fashion_mnist", "digits") + tuple(
     f"emnist/{name}" for name in sorted(_emnist.EMNIST_SPLITS)
@@ -289,6 +289,27 @@ def _load_cached(dataset: str, split: str, source: str, location: str, tfds_key)
     tfds_data_dir, _ = tfds_key
     images, labels = _read_tfds(dataset, split, tfds_data_dir)
     return _finish(dataset, images, labels, f"tfds {dataset!r} split {split!r}")
+
+
+def available(dataset: str, data_dir: str | os.PathLike | None = None, tfds_data_dir=None) -> bool:
+    """Whether `load_arrays(dataset, source="auto")` would find the data without downloading.
+
+    True for `"digits"` (bundled), for local files present under the data
+    directory (both splits), or for a dataset tfds has already prepared.
+    Nothing is read or downloaded.
+
+    Example:
+
+    >>> kmtl.data.available("digits")
+    True
+    """
+    _check_dataset(dataset)
+    if dataset == "digits":
+        return True
+    root = _resolve_data_dir(data_dir)
+    if all(_find_local(dataset, split, root) is not None for split in SPLITS):
+        return True
+    return _tfds_prepared(dataset, tfds_data_dir)
 
 
 def clear_cache() -> None:

@@ -157,8 +157,8 @@ class Weighting(keras.layers.Layer):
         return {name: getattr(self, name) for name in self.state_names}
 
     def state(self) -> dict:
-        """`{name: tensor}`: the current value of every state variable."""
-        return {name: ops.convert_to_tensor(v) for name, v in self.state_variables().items()}
+        """`{name: tensor}`: a snapshot of the current value of every state variable."""
+        return {name: ops.copy(v) for name, v in self.state_variables().items()}
 
     def commit(self, new_state: dict, accept=None) -> None:
         """Assigns `new_state` (a subset of the state names) to the variables.

@@ -343,8 +343,13 @@ def _gradient_level(model, strategy, x, targets, weights, verdict):
 
 
 def _after_step(model, strategy, x, targets, weights, losses, accept):
-    """Strategies that learn from the same batch after the update (FAMO's authors' form)."""
-    y_pred = model(x, training=False)
+    """Strategies that learn from the same batch after the update (FAMO's authors' form).
+
+    One more forward pass with the updated weights, in training mode as in the
+    authors' code (so dropout is active and batch-norm statistics update once
+    more), then the strategy's `after_step`, committed if the batch was accepted.
+    """
+    y_pred = model(x, training=True)
     after = model.objective.task_losses(targets, y_pred, weights)
     new_state = strategy.after_step(
         losses.values, after.values, losses.present, model.optimizer.iterations, strategy.state()

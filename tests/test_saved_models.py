@@ -1,0 +1,122 @@
+"""Saved in one process, loaded in another: every strategy, every architecture.
+
+One subprocess trains every registered strategy (each paired with an
+architecture, round robin, so that every architecture is covered by several
+strategies of both families) for a few steps and saves each model as
+`.keras`, with its predictions and strategy state. A second, fresh
+subprocess imports only `kmtl` and, for every file: loads it with plain
+`keras.saving.load_model` and with `kmtl.export.load_keras`, checks the
+predictions and the strategy state, evaluates, trains one more step, and
+exports a SavedModel that it serves through `tf.saved_model.load`. Importing
+TensorFlow costs seconds, so each process handles every model.
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import kmtl
+
+ARCHITECTURES = kmtl.architectures.names()
+STRATEGIES = kmtl.weighting.names()
+# Round robin: strategy i with architecture i mod 7 (17 strategies -> every architecture 2-3 times).
+PAIRS = [(s, ARCHITECTURES[i % len(ARCHITECTURES)]) for i, s in enumerate(STRATEGIES)]
+
+COMMON = textwrap.dedent(
+    r'''
+    import json, sys
+    import numpy as np
+    import keras
+    import kmtl
+    from kmtl import heads, trunks
+
+    def data(architecture, n=24):
+        rng = np.random.default_rng(0)
+        digit = rng.integers(0, 10, n)
+        x = rng.random((n, 8, 8, 1)).astype("float32")
+        y = {"digit": digit, "parity": (digit % 2).astype("float32")}
+        if architecture == "task_routed":
+            x = {"digit": x, "parity": 1.0 - x}
+        return x, y
+    '''
+)
+
+TRAIN = COMMON + textwrap.dedent(
+    r'''
+    out, pairs = sys.argv[1], json.loads(sys.argv[2])
+    for strategy, architecture in pairs:
+        keras.utils.set_random_seed(0)
+        x, y = data(architecture)
+        spec = dict(heads=[heads.Classification("digit", 10), heads.Binary("parity")], trunk=trunks.conv((4,), (8,)),
+                    architecture=architecture)
+        if architecture == "task_routed":
+            model = kmtl.build_model(inputs={"digit": (8, 8, 1), "parity": (8, 8, 1)}, **spec)
+        else:
+            model = kmtl.build_model(input_shape=(8, 8, 1), **spec)
+        model.compile(optimizer="adam", loss_weights={"parity": 0.5}, weighting=strategy)
+        model.fit(x, y, batch_size=8, epochs=2, verbose=0)
+        name = f"{strategy}-{architecture}"
+        model.save(f"{out}/{name}.keras")
+        prediction = model.predict(x, verbose=0)
+        state = {f"state_{i}": w for i, w in enumerate(model.weighting.get_weights())}
+        np.savez(f"{out}/{name}.npz", **{f"pred_{k}": v for k, v in prediction.items()}, **state)
+        print("saved", name, flush=True)
+    print("TRAINED")
+    '''
+)
+
+LOAD = COMMON + textwrap.dedent(
+    r'''
+    import tensorflow as tf
+    out, pairs = sys.argv[1], json.loads(sys.argv[2])
+    for strategy, architecture in pairs:
+        name = f"{strategy}-{architecture}"
+        x, y = data(architecture)
+        saved = np.load(f"{out}/{name}.npz")
+        plain = keras.saving.load_model(f"{out}/{name}.keras")
+        model = kmtl.export.load_keras(f"{out}/{name}.keras")
+        for loaded in (plain, model):
+            assert isinstance(loaded, kmtl.MultiTaskModel), name
+            assert type(loaded.weighting).__name__ == type(kmtl.weighting.get(strategy)).__name__, name
+            assert loaded.objective.static_weights == [1.0, 0.5], name
+            prediction = loaded.predict(x, verbose=0)
+            for key, value in prediction.items():
+                np.testing.assert_allclose(value, saved[f"pred_{key}"], rtol=1e-5, atol=1e-6, err_msg=name)
+            for i, w in enumerate(loaded.weighting.get_weights()):
+                np.testing.assert_array_equal(w, saved[f"state_{i}"], err_msg=f"{name} state {i}")
+        report = kmtl.evaluate(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(8))
+        assert set(report) == {"digit", "parity"}, name
+        iterations = int(model.optimizer.iterations.numpy())
+        assert iterations == 6, (name, iterations)  # 2 epochs x 3 batches: the optimizer state came back
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        assert int(model.optimizer.iterations.numpy()) == iterations + 3, name
+        served = kmtl.export.saved_model(model, f"{out}/{name}-served")
+        signature = tf.saved_model.load(str(served)).signatures["serving_default"]
+        inputs = {k: tf.constant(v) for k, v in x.items()} if isinstance(x, dict) else {"image": tf.constant(x)}
+        result = signature(**inputs)
+        expected = model.predict(x, verbose=0)
+        for key in ("digit", "parity"):
+            np.testing.assert_allclose(result[key].numpy(), expected[key], rtol=1e-5, atol=1e-6, err_msg=name)
+        print("loaded", name, flush=True)
+    print("LOADED")
+    '''
+)
+
+
+def _run(script, tmp_path, timeout=900):
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), json.dumps(PAIRS)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return result
+
+
+def test_every_strategy_and_architecture_loads_in_a_new_process(tmp_path):
+    assert {a for _, a in PAIRS} == set(ARCHITECTURES) and len(PAIRS) == len(STRATEGIES)
+    trained = _run(TRAIN, tmp_path)
+    assert trained.returncode == 0 and "TRAINED" in trained.stdout, trained.stdout + trained.stderr[-3000:]
+    loaded = _run(LOAD, tmp_path)
+    assert loaded.returncode == 0 and "LOADED" in loaded.stdout, loaded.stdout + loaded.stderr[-3000:]
