@@ -2,6 +2,22 @@
 
 Outside `tf.distribute` (or with one replica) every helper is the identity or
 a plain call, and no collective is created.
+
+kmtl's own sums over replicas (task presence and loss totals, per-task
+gradients, Gram matrices, finiteness flags) do not use collective ops under
+`MirroredStrategy`: they go through `merge_call` and a cross-device op that
+needs no collective keys (`ReductionToOneDevice` on CPUs,
+`HierarchicalCopyAllReduce` on GPUs). TensorFlow numbers the collective
+instances of every new `MirroredStrategy` from the same start and caches the
+shape of the first op that used a number for the life of the process, so a
+second strategy whose collectives differ in shape crashes ("Shape mismatch
+in the collective instance 100"; tensorflow/tensorflow#62790, #61314). With
+kmtl's sums off the collective path, the collectives of a step are only
+Keras's own gradient all-reduce. That one still collides when two fits in
+one process reduce gradients of different sizes (different models, or a
+strategy with trainable variables): reuse one `MirroredStrategy` object, or
+create each with `cross_device_ops=tf.distribute.ReductionToOneDevice()`
+(or `HierarchicalCopyAllReduce()` on GPUs), as the README says.
 """
 
 from __future__ import annotations
@@ -29,16 +45,38 @@ def num_replicas() -> int:
     return context.num_replicas_in_sync
 
 
+def _key_free_reducer(strategy):
+    devices = list(strategy.extended.worker_devices)
+    if devices and all("GPU" in d.upper() for d in devices):
+        return tf.distribute.HierarchicalCopyAllReduce()
+    return tf.distribute.ReductionToOneDevice()
+
+
+def _sum(context, values: list) -> list:
+    if not isinstance(tf.distribute.get_strategy(), tf.distribute.MirroredStrategy):
+        # Other strategies (e.g. several workers): their own all-reduce.
+        return list(context.all_reduce(tf.distribute.ReduceOp.SUM, values))
+
+    def merged(strategy, *per_replica):
+        reducer = _key_free_reducer(strategy)
+        return reducer.batch_reduce(tf.distribute.ReduceOp.SUM, [(v, v) for v in per_replica])
+
+    return list(context.merge_call(merged, args=tuple(values)))
+
+
 def sum_over_replicas(value):
-    """Sum of `value` (a tensor or a list of tensors) over replicas; no gradient flows through it."""
+    """Sum of `value` (a tensor or a list of tensors) over replicas; no gradient flows through it.
+
+    Not inside a `tf.cond` branch: a cross-replica sum cannot sit in a
+    conditional in replica context.
+    """
     context = _replica_context()
     if context is None:
         return value
-    # The gradient of a collective is another collective: keep it off the tape.
-    if isinstance(value, (list, tuple)):
-        reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [tf.stop_gradient(v) for v in value])
-        return [tf.stop_gradient(v) for v in reduced]
-    return tf.stop_gradient(context.all_reduce(tf.distribute.ReduceOp.SUM, tf.stop_gradient(value)))
+    single = not isinstance(value, (list, tuple))
+    values = [tf.stop_gradient(v) for v in ([value] if single else value)]
+    reduced = [tf.stop_gradient(v) for v in _sum(context, values)]
+    return reduced[0] if single else reduced
 
 
 def all_true(flag):
@@ -46,7 +84,7 @@ def all_true(flag):
     context = _replica_context()
     if context is None:
         return flag
-    failures = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.logical_not(flag), tf.float32))
+    failures = sum_over_replicas(tf.cast(tf.logical_not(flag), tf.float32))
     return tf.equal(failures, 0.0)
 
 

@@ -317,10 +317,16 @@ def _gradient_level(model, strategy, x, targets, weights, verdict):
 
     if strategy.update_every == 1:
         shared_grads, alpha, new_state, task_flags = full()
-    else:
+    elif replicas == 1:
         shared_grads, alpha, new_state, task_flags = tf.cond(
             tf.equal(step % strategy.update_every, 0), full, reuse
         )
+    else:
+        # A conditional in replica context cannot hold the cross-replica sums of
+        # `full`: both run and the update step picks. Same result, no saving.
+        recompute = tf.equal(step % strategy.update_every, 0)
+        chosen = tree.map_structure(lambda a, b: tf.where(recompute, a, b), full(), reuse())
+        shared_grads, alpha, new_state, task_flags = chosen
     variables = shared + [v for name in names for v in heads[name]]
     grads = shared_grads + head_grads
     if rest:
