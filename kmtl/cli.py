@@ -3,140 +3,31 @@
     kmtl train                      # embedded digits data, offline, seconds
     kmtl train --dataset mnist --tasks digit,parity --epochs 3 --weighting pcgrad
     kmtl train --config run.json    # the same options from a JSON file
-    kmtl evaluate saved_models/<run>/model.keras --dataset mnist
+    kmtl evaluate saved_models/<run>/model.keras     # the run's dataset and tasks
     kmtl export saved_models/<run>/model.keras saved_models/<run>/served
 
-A run writes `saved_models/<run-name>/`: `saved_model/` (TF SavedModel),
+A run writes `saved_models/<run-name>/`: `saved_model` (TF SavedModel),
 `model.keras`, `history.json`, `metrics.json`, `metrics.md`, `curves.png`
-and `config.json`. Bad options exit with status 2 and a message.
+and `config.json`. Bad options exit with status 2 and `kmtl: error: ...`.
+
+Parsing and the checks of plain values live in the top-level module
+`kmtl_cli` (standard library only, so that `kmtl --help` and usage errors
+never import TensorFlow); this module runs a parsed command. `main(argv)` is
+the in-process entry point and uses the same parser.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-#: Option defaults of `kmtl train` (also the keys a --config file may use).
-TRAIN_DEFAULTS = {
-    "dataset": "digits",
-    "tasks": None,
-    "epochs": 10,
-    "batch_size": 64,
-    "loss_weights": None,
-    "weighting": None,
-    "architecture": "hard_sharing",
-    "trunk": None,
-    "optimizer": "adam",
-    "learning_rate": 1e-3,
-    "out": "saved_models",
-    "run_name": None,
-    "source": "auto",
-    "data_dir": None,
-    "seed": 0,
-    "train_limit": None,
-    "verbose": "auto",
-}
-DEFAULT_TASKS = {"digits": "digit,parity", "mnist": "digit,parity", "fashion_mnist": "item,group"}
+import kmtl_cli
+from kmtl_cli import DEFAULT_TASKS, TRAIN_DEFAULTS, UsageError
 
-
-class UsageError(Exception):
-    """A bad option value: reported with exit status 2."""
-
-
-def _parse_loss_weights(text):
-    if text is None or isinstance(text, dict):
-        return text
-    weights = {}
-    for part in str(text).split(","):
-        if "=" not in part:
-            raise UsageError(
-                f"--loss-weights takes task=weight pairs like digit=1,parity=0.5. Received: {text!r}"
-            )
-        name, value = part.split("=", 1)
-        try:
-            weights[name.strip()] = float(value)
-        except ValueError:
-            raise UsageError(
-                f"--loss-weights: {value!r} is not a number (task {name!r}). Received: {text!r}"
-            ) from None
-    return weights
-
-
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kmtl", description="Multi-task learning for Keras 3.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    train = sub.add_parser("train", help="train a multi-task model and save it")
-    train.add_argument("--config", help="JSON file with any of the options below (flags override it)")
-    train.add_argument(
-        "--dataset", choices=["digits", "mnist", "fashion_mnist"], help="default: digits (embedded, offline)"
-    )
-    train.add_argument("--tasks", help="comma-separated task names (default depends on the dataset)")
-    train.add_argument("--epochs", type=int)
-    train.add_argument("--batch-size", dest="batch_size", type=int)
-    train.add_argument("--loss-weights", dest="loss_weights", help="e.g. digit=1,parity=0.5")
-    train.add_argument("--weighting", help="a kmtl.weighting strategy name, e.g. pcgrad")
-    train.add_argument("--architecture", help="e.g. hard_sharing, mmoe")
-    train.add_argument("--trunk", help="lenet, conv or dense (default: conv)")
-    train.add_argument("--optimizer")
-    train.add_argument("--learning-rate", dest="learning_rate", type=float)
-    train.add_argument("--out", help="parent directory of the run (default: saved_models)")
-    train.add_argument("--run-name", dest="run_name", help="default: <dataset>-<date>-<time>")
-    train.add_argument("--source", choices=["auto", "local", "tfds"])
-    train.add_argument("--data-dir", dest="data_dir", help="default: $KMTL_DATA_DIR")
-    train.add_argument("--seed", type=int)
-    train.add_argument(
-        "--train-limit", dest="train_limit", type=int, help="use only the first N training examples"
-    )
-    train.add_argument("--verbose", type=int, choices=[0, 1, 2])
-
-    evaluate = sub.add_parser("evaluate", help="evaluate a saved .keras model per task")
-    evaluate.add_argument("model", help="path of a .keras file")
-    evaluate.add_argument("--dataset", choices=["digits", "mnist", "fashion_mnist"], default="digits")
-    evaluate.add_argument("--split", default="test")
-    evaluate.add_argument("--batch-size", dest="batch_size", type=int, default=512)
-    evaluate.add_argument("--source", choices=["auto", "local", "tfds"], default="auto")
-    evaluate.add_argument("--data-dir", dest="data_dir")
-
-    export = sub.add_parser("export", help="export a .keras model as a SavedModel")
-    export.add_argument("model", help="path of a .keras file")
-    export.add_argument("out", help="directory of the SavedModel")
-    return parser
-
-
-def _train_options(args) -> dict:
-    options = dict(TRAIN_DEFAULTS)
-    if args.config:
-        try:
-            with open(args.config) as f:
-                config = json.load(f)
-        except (OSError, json.JSONDecodeError) as error:
-            raise UsageError(f"Cannot read --config {args.config}: {error}") from None
-        if not isinstance(config, dict):
-            raise UsageError(f"--config must hold a JSON object. Received: {type(config).__name__}")
-        unknown = sorted(set(config) - set(TRAIN_DEFAULTS))
-        if unknown:
-            raise UsageError(f"Unknown option(s) {unknown} in {args.config}. Known: {sorted(TRAIN_DEFAULTS)}")
-        options.update(config)
-    for key in TRAIN_DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None:
-            options[key] = value
-    if isinstance(options["tasks"], str):
-        options["tasks"] = [t.strip() for t in options["tasks"].split(",") if t.strip()]
-    if not options["tasks"]:
-        options["tasks"] = DEFAULT_TASKS.get(options["dataset"], "").split(",")
-    options["loss_weights"] = _parse_loss_weights(options["loss_weights"])
-    for key in ("epochs", "batch_size"):
-        if not isinstance(options[key], int) or options[key] < 1:
-            raise UsageError(
-                f"--{key.replace('_', '-')} must be a positive integer. Received: {options[key]!r}"
-            )
-    return options
+__all__ = ["DEFAULT_TASKS", "TRAIN_DEFAULTS", "UsageError", "main", "run"]
 
 
 def _build(options, data):
@@ -199,7 +90,10 @@ def _train(options) -> int:
     _write_json(run_dir / "history.json", history.history)
     _write_json(run_dir / "metrics.json", report.to_dict())
     (run_dir / "metrics.md").write_text(report.to_markdown() + "\n")
-    _write_json(run_dir / "config.json", options)
+    config = dict(options)
+    if config["data_dir"] is not None:  # so that `kmtl evaluate` finds the data from any directory
+        config["data_dir"] = os.path.abspath(os.path.expanduser(config["data_dir"]))
+    _write_json(run_dir / "config.json", config)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -217,50 +111,93 @@ def _write_json(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
-def _evaluate(args) -> int:
+def _evaluate(options) -> int:
     import kmtl
     from kmtl import data, export
 
-    model = export.load_keras(args.model)
-    tasks = [t for t in model.task_names]
+    model = export.load_keras(options["model"])
+    tasks = list(model.task_names)
+    run_config = options["run_config"]
+    if options["tasks"] is not None:
+        if sorted(options["tasks"]) != sorted(tasks):
+            raise UsageError(
+                f"{run_config} lists tasks {options['tasks']}, but {options['model']} has heads {tasks}: "
+                f"it is not this model's run configuration. Move the model out of that directory or "
+                f"pass --dataset to evaluate the model's own heads"
+            )
+        tasks = list(options["tasks"])
+    dataset = options["dataset"]
+    expected = tuple(data.input_shape(dataset))
+    if len(model.inputs) == 1 and tuple(model.inputs[0].shape[1:]) != expected:
+        raise UsageError(
+            f"{options['model']} takes inputs of shape {tuple(model.inputs[0].shape[1:])}, but dataset "
+            f"{dataset!r} has images of shape {expected}; pass the --dataset it was trained on"
+        )
+    source = f" (dataset, tasks and data settings from {run_config})" if run_config else ""
+    print(f"kmtl: evaluating {options['model']} on {dataset} {options['split']}, tasks {tasks}{source}")
     test = data.task_dataset(
-        args.dataset,
+        dataset,
         tasks,
-        split=args.split,
-        batch_size=args.batch_size,
-        source=args.source,
-        data_dir=args.data_dir,
+        split=options["split"],
+        batch_size=options["batch_size"],
+        source=options["source"],
+        data_dir=options["data_dir"],
     )
     print(kmtl.evaluate(model, test))
     return 0
 
 
-def _export(args) -> int:
+def _export(options) -> int:
     from kmtl import export
 
-    model = export.load_keras(args.model)
-    path = export.saved_model(model, args.out)
+    model = export.load_keras(options["model"])
+    path = export.saved_model(model, options["out"])
     print(f"kmtl: wrote SavedModel {path} (outputs: {', '.join(model.output_names)})")
     return 0
 
 
-def main(argv=None) -> int:
-    """Entry point of the `kmtl` console script."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+def _fail(status: int, message: str):
+    sys.stderr.write(f"kmtl: {message}\n")
+    raise SystemExit(status)
+
+
+def run(command: str, options: dict) -> int:
+    """Runs a command parsed and checked by `kmtl_cli.parse`.
+
+    Errors that name a bad input (`ValueError`, missing or misplaced files)
+    exit with status 2 and `kmtl: error: ...`; a non-finite loss stops
+    training with status 1.
+    """
     try:
-        if args.command == "train":
-            return _train(_train_options(args))
-        if args.command == "evaluate":
-            return _evaluate(args)
-        return _export(args)
-    except UsageError as error:
-        parser.exit(2, f"kmtl: error: {error}\n")
-    except (ValueError, FileNotFoundError) as error:
-        parser.exit(2, f"kmtl: error: {error}\n")
+        if command == "train":
+            return _train(options)
+        if command == "evaluate":
+            return _evaluate(options)
+        if command == "export":
+            return _export(options)
+        raise UsageError(f"unknown command {command!r}")
+    except (
+        UsageError,
+        ValueError,
+        FileNotFoundError,
+        IsADirectoryError,
+        NotADirectoryError,
+        FileExistsError,
+    ) as error:
+        _fail(2, f"error: {error}")
     except FloatingPointError as error:
-        parser.exit(1, f"kmtl: training stopped: {error}\n")
-    return 1
+        _fail(1, f"training stopped: {error}")
+
+
+def main(argv=None) -> int:
+    """In-process entry point: `kmtl.cli.main(["train", "--epochs", "3"])`.
+
+    Parses with the same parser as the `kmtl` console script
+    (`kmtl_cli:main`) and returns the exit status (usage errors raise
+    `SystemExit(2)`).
+    """
+    command, options = kmtl_cli.parse(argv)
+    return run(command, options)
 
 
 if __name__ == "__main__":  # pragma: no cover

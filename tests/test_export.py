@@ -1,4 +1,10 @@
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import zipfile
 
 import keras
 import numpy as np
@@ -47,11 +53,13 @@ def test_failed_export_keeps_older_model(model, tmp_path, monkeypatch):
             f.write(b"partial")
         raise OSError("disk full")
 
+    listing = sorted(os.listdir(tmp_path))  # `served` and the version directory it links to
+    assert listing == sorted(["served", os.readlink(path)])
     monkeypatch.setattr(tf.saved_model, "save", half_written)
     with pytest.raises(OSError, match="disk full"):
         kmtl.export.saved_model(model, tmp_path / "served")
     assert sorted(os.listdir(path)) == before
-    assert sorted(os.listdir(tmp_path)) == ["served"]  # no temporary leftovers
+    assert sorted(os.listdir(tmp_path)) == listing  # no temporary leftovers
     kmtl.export.load(path)
 
 
@@ -62,10 +70,11 @@ def test_unverifiable_export_is_not_moved_into_place(model, tmp_path, monkeypatc
     def mismatch(*args, **kwargs):
         raise RuntimeError("Exported output 'digit' differs from the model's prediction.")
 
+    listing = sorted(os.listdir(tmp_path))
     monkeypatch.setattr(kmtl.export, "_verify", mismatch)
     with pytest.raises(RuntimeError, match="differs"):
         kmtl.export.saved_model(model, tmp_path / "served")
-    assert sorted(os.listdir(path)) == before and sorted(os.listdir(tmp_path)) == ["served"]
+    assert sorted(os.listdir(path)) == before and sorted(os.listdir(tmp_path)) == listing
 
 
 def test_no_overwrite_and_missing(model, tmp_path):
@@ -113,3 +122,272 @@ def test_task_routed_export_serves_each_task_alone(tmp_path):
     np.testing.assert_allclose(
         served({"item": 1 - x}, signature="serve_item")["item"], full["item"], atol=1e-6
     )
+
+
+def tiny_model(seed):
+    keras.utils.set_random_seed(seed)
+    m = kmtl.build_model(
+        heads=[heads.Classification("digit", 10), heads.Binary("parity"), heads.Regression("value")],
+        trunk=trunks.conv((4,), (8,)),
+        input_shape=(8, 8, 1),
+    )
+    m.compile()
+    return m
+
+
+X = np.random.default_rng(7).random((4, 8, 8, 1)).astype("float32")
+
+
+def assert_serves(path, model):
+    served = kmtl.export.load(path)
+    expected = model.predict(X, verbose=0)
+    got = served(X)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], atol=1e-5)
+
+
+def dead_pid():
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_saved_model_path_is_a_link_switched_atomically(model, tmp_path):
+    import tensorflow as tf
+
+    path = kmtl.export.saved_model(model, tmp_path / "served")
+    first = os.readlink(path)
+    assert path.is_symlink() and first.startswith(".served.v-") and "/" not in first
+    assert sorted(os.listdir(tmp_path)) == sorted(["served", first])
+    assert "serving_default" in tf.saved_model.load(str(path)).signatures  # read through the link
+    other = tiny_model(3)
+    kmtl.export.saved_model(other, path)
+    second = os.readlink(path)
+    assert second != first and sorted(os.listdir(tmp_path)) == sorted(
+        ["served", second]
+    )  # old version deleted
+    assert_serves(path, other)
+    served = kmtl.export.load(path)
+    assert served.path == path and served.version_path == (tmp_path / second).resolve()
+
+
+_KILLED_EXPORT = textwrap.dedent(
+    """
+    import os, sys, time
+    import keras
+    import tensorflow as tf
+    import kmtl
+    from kmtl import heads, trunks
+
+    path, ready, where = sys.argv[1:]
+    keras.utils.set_random_seed(1)
+    model = kmtl.build_model(
+        heads=[heads.Classification("digit", 10), heads.Binary("parity"), heads.Regression("value")],
+        trunk=trunks.conv((4,), (8,)),
+        input_shape=(8, 8, 1),
+    )
+    model.compile()
+    # A first export elsewhere: TensorFlow rebinds `tf.saved_model` on its first SavedModel
+    # write, which would undo a patch made before it.
+    kmtl.export.saved_model(model, os.path.join(os.path.dirname(ready), where + "-warm-up", "served"))
+
+    def hold():
+        open(ready, "w").close()
+        time.sleep(600)
+
+    if where == "write":  # killed while TensorFlow writes the new SavedModel
+        def partial_write(obj, export_dir, *args, **kwargs):
+            os.makedirs(os.path.join(export_dir, "variables"), exist_ok=True)
+            with open(os.path.join(export_dir, "saved_model.pb"), "wb") as f:
+                f.write(b"partial")
+            hold()
+        tf.saved_model.save = partial_write
+    else:  # killed with the new version complete, just before the link is switched
+        real_replace = os.replace
+        def replace(src, dst, *args, **kwargs):
+            if os.path.abspath(dst) == os.path.abspath(path):
+                hold()
+            return real_replace(src, dst, *args, **kwargs)
+        os.replace = replace
+
+    kmtl.export.saved_model(model, path)
+    sys.exit("the export finished: the patch did not hold it")
+    """
+)
+
+
+def test_killed_export_keeps_the_old_model_and_the_next_export_cleans_up(model, tmp_path):
+    paths = {
+        where: kmtl.export.saved_model(model, tmp_path / where / "served") for where in ("write", "switch")
+    }
+    old_targets = {where: os.readlink(path) for where, path in paths.items()}
+    script = tmp_path / "killed_export.py"
+    script.write_text(_KILLED_EXPORT)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    procs = {
+        where: subprocess.Popen(
+            [sys.executable, str(script), str(path), str(tmp_path / f"{where}.ready"), where],
+            env=env,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for where, path in paths.items()
+    }
+    try:
+        deadline = time.monotonic() + 300
+        for where, proc in procs.items():
+            while not (tmp_path / f"{where}.ready").exists():
+                if proc.poll() is not None:
+                    pytest.fail(
+                        f"export subprocess ({where}) ended ({proc.returncode}): {proc.stderr.read()[-2000:]}"
+                    )
+                assert time.monotonic() < deadline, f"export subprocess ({where}) never got ready"
+                time.sleep(0.1)
+        for proc in procs.values():
+            os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+            proc.stderr.close()
+
+    for where, path in paths.items():
+        listing = sorted(os.listdir(path.parent))
+        debris = [name for name in listing if name not in ("served", old_targets[where])]
+        # The path still points to the complete old model; the killed export left debris.
+        assert os.readlink(path) == old_targets[where]
+        assert_serves(path, model)
+        if where == "write":
+            assert len(debris) == 1 and debris[0].startswith(f".served.tmp-{procs[where].pid}-"), listing
+        else:
+            kinds = sorted(name.split("-")[0] for name in debris)
+            assert kinds == [".served.link", ".served.v"], listing
+
+    # The next export to the same path switches to the new model and deletes the debris.
+    newer = tiny_model(2)
+    for path in paths.values():
+        kmtl.export.saved_model(newer, path)
+        assert sorted(os.listdir(path.parent)) == sorted(["served", os.readlink(path)])
+        assert_serves(path, newer)
+    result = subprocess.run(
+        [
+            "saved_model_cli",
+            "show",
+            "--dir",
+            str(paths["write"]),
+            "--tag_set",
+            "serve",
+            "--signature_def",
+            "serving_default",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "digit" in result.stdout and "parity" in result.stdout
+
+
+def test_debris_clean_up_spares_running_exports(model, tmp_path):
+    path = kmtl.export.saved_model(model, tmp_path / "served")
+    alive, dead = os.getppid(), dead_pid()
+    live_tmp = tmp_path / f".served.tmp-{alive}-0123abcd"
+    stale = [
+        tmp_path / f".served.tmp-{dead}-0123abcd",
+        tmp_path / ".served.tmp-89abcdef",  # earlier kmtl releases
+        tmp_path / ".served.old-89abcdef",
+        tmp_path / ".served.v-20240101T000000-0123abcd",  # a version no link points to
+    ]
+    for directory in [live_tmp, *stale]:
+        directory.mkdir()
+        (directory / "saved_model.pb").write_bytes(b"x")
+    os.symlink(stale[-1].name, tmp_path / f".served.link-{dead}-0123abcd")
+    unrelated = [tmp_path / ".served-notes", tmp_path / ".other.tmp-0123abcd", tmp_path / ".served.tmp-xyz"]
+    for file in unrelated:
+        file.write_text("keep")
+    kmtl.export.saved_model(model, path)
+    expected = sorted(["served", os.readlink(path), live_tmp.name, *(f.name for f in unrelated)])
+    assert sorted(os.listdir(tmp_path)) == expected
+    assert_serves(path, model)
+
+
+def test_real_directory_is_migrated_to_a_link(model, tmp_path):
+    path = tmp_path / "served"
+    model.export(str(path), format="tf_saved_model", verbose=False)  # a plain SavedModel directory
+    assert path.is_dir() and not path.is_symlink()
+    kmtl.export.saved_model(tiny_model(4), path)
+    assert path.is_symlink() and sorted(os.listdir(tmp_path)) == sorted(["served", os.readlink(path)])
+    (tmp_path / "empty").mkdir()
+    kmtl.export.saved_model(model, tmp_path / "empty")  # an empty directory is replaced too
+    assert_serves(tmp_path / "empty", model)
+
+
+def test_a_file_or_a_foreign_directory_is_never_replaced(model, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "cat.jpg").write_bytes(b"jpg")
+    with pytest.raises(FileExistsError, match="is a file, not a SavedModel directory"):
+        kmtl.export.saved_model(model, tmp_path / "notes.txt")
+    with pytest.raises(FileExistsError, match="holds no SavedModel"):
+        kmtl.export.saved_model(model, tmp_path / "photos")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and os.listdir(tmp_path / "photos") == ["cat.jpg"]
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt", "photos"]
+
+
+def test_without_symbolic_links_the_directory_is_replaced(model, tmp_path, monkeypatch):
+    def no_links(*args, **kwargs):
+        raise OSError("symbolic links are not supported here")
+
+    monkeypatch.setattr(os, "symlink", no_links)
+    path = kmtl.export.saved_model(model, tmp_path / "served")
+    other = tiny_model(5)
+    kmtl.export.saved_model(other, path)
+    assert not path.is_symlink() and sorted(os.listdir(tmp_path)) == ["served"]
+    assert_serves(path, other)
+
+
+def test_load_keras_names_bad_files(model, tmp_path):
+    good = kmtl.export.save_keras(model, tmp_path / "good.keras")
+    data = good.read_bytes()
+    (tmp_path / "truncated.keras").write_bytes(data[: len(data) // 2])
+    (tmp_path / "random.keras").write_bytes(np.random.default_rng(0).bytes(4096))
+    (tmp_path / "empty.keras").write_bytes(b"")
+    with zipfile.ZipFile(tmp_path / "other.keras", "w") as archive:
+        archive.writestr("readme.txt", "not a model")
+    corrupt = bytearray(data)
+    with zipfile.ZipFile(good) as archive:
+        info = archive.getinfo("model.weights.h5")
+        name_length, extra_length = np.frombuffer(
+            data[info.header_offset + 26 : info.header_offset + 30], "<u2"
+        )
+        start = info.header_offset + 30 + int(name_length) + int(extra_length)  # the member's data
+    corrupt[start + info.compress_size // 2] ^= 0xFF
+    (tmp_path / "corrupt.keras").write_bytes(bytes(corrupt))
+    for name in ("truncated.keras", "random.keras", "empty.keras", "other.keras", "corrupt.keras"):
+        with pytest.raises(kmtl.export.InvalidModelFileError) as info:
+            kmtl.export.load_keras(tmp_path / name)
+        assert isinstance(info.value, ValueError)
+        assert f"{tmp_path / name} is not a valid .keras archive" in str(info.value)
+    with pytest.raises(FileNotFoundError, match="No such model file"):
+        kmtl.export.load_keras(tmp_path / "missing.keras")
+    with pytest.raises(IsADirectoryError, match="is a directory, not a .keras model file"):
+        kmtl.export.load_keras(tmp_path)
+    served = kmtl.export.saved_model(model, tmp_path / "served")
+    with pytest.raises(IsADirectoryError, match="it holds a SavedModel: load it with kmtl.export.load"):
+        kmtl.export.load_keras(served)
+
+
+def test_save_keras_cleans_debris_and_spares_directories(model, tmp_path):
+    path = tmp_path / "m.keras"
+    stale = [tmp_path / f".m.tmp-{dead_pid()}-0123abcd.keras", tmp_path / ".m.tmp-0123abcd.keras"]
+    stale.append(tmp_path / ".m.keras.old-0123abcd")
+    live = tmp_path / f".m.tmp-{os.getppid()}-0123abcd.keras"
+    for file in [*stale, live]:
+        file.write_bytes(b"partial")
+    kmtl.export.save_keras(model, path)
+    assert sorted(os.listdir(tmp_path)) == sorted(["m.keras", live.name])
+    (tmp_path / "d.keras").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        kmtl.export.save_keras(model, tmp_path / "d.keras")
+    assert (tmp_path / "d.keras").is_dir()

@@ -1,0 +1,450 @@
+"""Argument parsing of the `kmtl` command, without importing TensorFlow.
+
+The `kmtl` console script points here (`kmtl_cli:main`), not at the `kmtl`
+package: importing `kmtl` imports Keras and TensorFlow (it must, so that
+every serializable kmtl class is registered before a model is loaded), which
+takes seconds. This module uses the standard library only. It parses the
+command line, reads and checks `--config` files and the run's
+`config.json`, checks every plain value (numbers, ranges, types, choices,
+files) and reports usage errors with exit status 2 and `kmtl: error: ...`
+at once. Only a valid command imports `kmtl.cli` to run it.
+
+`kmtl.cli.main(argv)` is the in-process entry point (used by the tests); it
+calls the same `parse`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+PROG = "kmtl"
+DATASETS = ("digits", "mnist", "fashion_mnist")
+SOURCES = ("auto", "local", "tfds")
+VERBOSITY = (0, 1, 2)
+
+#: Option defaults of `kmtl train` (also the keys a --config file may use).
+TRAIN_DEFAULTS = {
+    "dataset": "digits",
+    "tasks": None,
+    "epochs": 10,
+    "batch_size": 64,
+    "loss_weights": None,
+    "weighting": None,
+    "architecture": "hard_sharing",
+    "trunk": None,
+    "optimizer": "adam",
+    "learning_rate": 1e-3,
+    "out": "saved_models",
+    "run_name": None,
+    "source": "auto",
+    "data_dir": None,
+    "seed": 0,
+    "train_limit": None,
+    "verbose": "auto",
+}
+DEFAULT_TASKS = {"digits": "digit,parity", "mnist": "digit,parity", "fashion_mnist": "item,group"}
+#: Option defaults of `kmtl evaluate` when the run has no `config.json`.
+EVALUATE_DEFAULTS = {
+    "dataset": "digits",
+    "split": "test",
+    "batch_size": 512,
+    "source": "auto",
+    "data_dir": None,
+}
+#: The keys of a run's `config.json` that `kmtl evaluate` uses.
+RUN_CONFIG_KEYS = ("dataset", "tasks", "source", "data_dir")
+MAX_SEED = 2**32 - 1
+
+
+class UsageError(Exception):
+    """A bad option value: reported as `kmtl: error: ...` with exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports every usage error as `kmtl: error: ...` (also in subcommands)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{PROG}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `kmtl` (no option abbreviations: `--epoch` is not `--epochs`)."""
+    parser = _Parser(prog=PROG, description="Multi-task learning for Keras 3.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,export}")
+
+    train = sub.add_parser(
+        "train",
+        help="train a multi-task model and save it",
+        description="Train a multi-task model and write saved_models/<run>/.",
+        allow_abbrev=False,
+    )
+    train.add_argument("--config", help="JSON file with any of the options below as keys (flags override it)")
+    train.add_argument("--dataset", choices=DATASETS, help="default: digits (embedded, offline)")
+    train.add_argument("--tasks", help="comma-separated task names (default depends on the dataset)")
+    train.add_argument("--epochs", help="positive integer (default: 10)")
+    train.add_argument("--batch-size", dest="batch_size", help="positive integer (default: 64)")
+    train.add_argument(
+        "--loss-weights",
+        dest="loss_weights",
+        help="task=weight pairs, weights finite and >= 0: digit=1,parity=0.5",
+    )
+    train.add_argument("--weighting", help="a kmtl.weighting strategy name, e.g. pcgrad")
+    train.add_argument("--architecture", help="e.g. hard_sharing, mmoe (default: hard_sharing)")
+    train.add_argument("--trunk", help="lenet, conv or dense (default: conv)")
+    train.add_argument("--optimizer", help="a Keras optimizer name (default: adam)")
+    train.add_argument("--learning-rate", dest="learning_rate", help="finite number > 0 (default: 0.001)")
+    train.add_argument("--out", help="parent directory of the run (default: saved_models)")
+    train.add_argument("--run-name", dest="run_name", help="default: <dataset>-<date>-<time>")
+    train.add_argument("--source", choices=SOURCES, help="where the data comes from (default: auto)")
+    train.add_argument("--data-dir", dest="data_dir", help="default: $KMTL_DATA_DIR")
+    train.add_argument("--seed", help=f"integer in [0, {MAX_SEED}] (default: 0)")
+    train.add_argument(
+        "--train-limit", dest="train_limit", help="use only the first N training examples (N >= 1)"
+    )
+    train.add_argument("--verbose", type=int, choices=VERBOSITY, help="Keras fit verbosity (default: auto)")
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="evaluate a saved .keras model per task",
+        description=(
+            "Evaluate a .keras model per task. When the model sits in a run directory written by "
+            "`kmtl train`, the run's config.json supplies the dataset, tasks, source and data "
+            "directory; flags override it."
+        ),
+        allow_abbrev=False,
+    )
+    evaluate.add_argument("model", help="path of a .keras file")
+    evaluate.add_argument("--dataset", choices=DATASETS, help="default: the run's dataset, else digits")
+    evaluate.add_argument("--split", help="e.g. test, train[:1000] (default: test)")
+    evaluate.add_argument("--batch-size", dest="batch_size", help="positive integer (default: 512)")
+    evaluate.add_argument("--source", choices=SOURCES, help="default: the run's source, else auto")
+    evaluate.add_argument("--data-dir", dest="data_dir", help="default: the run's, else $KMTL_DATA_DIR")
+
+    export = sub.add_parser(
+        "export",
+        help="export a .keras model as a SavedModel",
+        description="Export a .keras model as a TF SavedModel (an atomic switch of OUT, see README).",
+        allow_abbrev=False,
+    )
+    export.add_argument("model", help="path of a .keras file")
+    export.add_argument("out", help="path of the SavedModel")
+    return parser
+
+
+# ---------------------------------------------------------------- value checks
+
+
+def _describe(value) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _integer(label, value, from_text, minimum=None, maximum=None, what="an integer"):
+    if from_text:
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise UsageError(f"{label} must be {what}. Received: {value!r}") from None
+    elif not isinstance(value, int) or isinstance(value, bool):
+        raise UsageError(f"{label} must be {what}. Received: {_describe(value)}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise UsageError(f"{label} must be {what}. Received: {value!r}")
+    return value
+
+
+def _positive_number(label, value, from_text):
+    what = "a finite number > 0"
+    if from_text:
+        try:
+            value = float(value)
+        except ValueError:
+            raise UsageError(f"{label} must be {what}. Received: {value!r}") from None
+    elif not _is_number(value):
+        raise UsageError(f"{label} must be {what}. Received: {_describe(value)}")
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{label} must be {what}. Received: {value!r}")
+    return float(value)
+
+
+def _string(label, value, optional=False):
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        kind = "a non-empty string or null" if optional else "a non-empty string"
+        raise UsageError(f"{label} must be {kind}. Received: {_describe(value)}")
+    return value
+
+
+def _choice(label, value, choices):
+    if not any(type(value) is type(choice) and value == choice for choice in choices):
+        listed = ", ".join(repr(c) for c in choices)
+        raise UsageError(f"{label}: invalid choice: {value!r} (choose from {listed})")
+    return value
+
+
+def _tasks(label, value):
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [t.strip() for t in value.split(",") if t.strip()] or None
+    if isinstance(value, list) and all(isinstance(t, str) and t.strip() for t in value):
+        return [t.strip() for t in value] or None
+    raise UsageError(
+        f"{label} must be a comma-separated string or a list of task names. Received: {_describe(value)}"
+    )
+
+
+def _weight(label, name, value, text=None):
+    if text is not None:
+        try:
+            value = float(value)
+        except ValueError:
+            raise UsageError(
+                f"{label}: {value!r} is not a number (task {name!r}). Received: {text!r}"
+            ) from None
+    elif not _is_number(value):
+        raise UsageError(
+            f"{label}: the weight of task {name!r} must be a number. Received: {_describe(value)}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(
+            f"{label}: the weight of task {name!r} must be a finite number >= 0. Received: {value!r}"
+        )
+    return float(value)
+
+
+def _loss_weights(label, value):
+    """`digit=1,parity=0.5` (flag or config string) or `{"digit": 1}` -> `{task: float}`."""
+    if value is None:
+        return None
+    weights = {}
+    if isinstance(value, str):
+        for part in value.split(","):
+            if "=" not in part:
+                raise UsageError(
+                    f"{label} takes task=weight pairs like digit=1,parity=0.5. Received: {value!r}"
+                )
+            name, number = (s.strip() for s in part.split("=", 1))
+            if not name:
+                raise UsageError(f"{label}: a task name is empty. Received: {value!r}")
+            if name in weights:
+                raise UsageError(f"{label}: task {name!r} is given twice. Received: {value!r}")
+            weights[name] = _weight(label, name, number, text=value)
+    elif isinstance(value, dict):
+        for name, number in value.items():
+            if not name.strip():
+                raise UsageError(f"{label}: a task name is empty. Received: {value!r}")
+            weights[name.strip()] = _weight(label, name, number)
+    else:
+        raise UsageError(
+            f"{label} must be a string like 'digit=1,parity=0.5' or an object {{task: weight}}. "
+            f"Received: {_describe(value)}"
+        )
+    return weights or None
+
+
+def _run_name(label, value):
+    if value is None:
+        return None
+    _string(label, value)
+    if value in (".", "..") or "/" in value or (os.sep != "/" and os.sep in value):
+        raise UsageError(f"{label} must be a plain directory name (no path separators). Received: {value!r}")
+    return value
+
+
+def _verbose(label, value):
+    if value == "auto" and isinstance(value, str):
+        return value
+    return _choice(label, value, VERBOSITY + ("auto",))
+
+
+def _check_train_value(key, value, label, from_text):
+    """Checks one `kmtl train` option from a flag (text) or a config file (JSON value)."""
+    if key in ("epochs", "batch_size"):
+        return _integer(label, value, from_text, minimum=1, what="a positive integer")
+    if key == "train_limit":
+        if value is None:
+            return None
+        return _integer(label, value, from_text, minimum=1, what="a positive integer (a number of examples)")
+    if key == "seed":
+        return _integer(
+            label, value, from_text, minimum=0, maximum=MAX_SEED, what=f"an integer in [0, {MAX_SEED}]"
+        )
+    if key == "learning_rate":
+        return _positive_number(label, value, from_text)
+    if key == "dataset":
+        return _choice(label, value, DATASETS)
+    if key == "source":
+        return _choice(label, value, SOURCES)
+    if key == "verbose":
+        return _verbose(label, value)
+    if key == "tasks":
+        return _tasks(label, value)
+    if key == "loss_weights":
+        return _loss_weights(label, value)
+    if key == "run_name":
+        return _run_name(label, value)
+    if key in ("weighting", "trunk", "data_dir"):
+        return _string(label, value, optional=True)
+    return _string(label, value)  # architecture, optimizer, out
+
+
+# ---------------------------------------------------------------- files
+
+
+def _reject_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise UsageError(f"key(s) {duplicates} appear more than once")
+    return dict(pairs)
+
+
+def read_json_object(path, what) -> dict:
+    """Reads a JSON object from `path`; every problem is a `UsageError` naming the file."""
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory, not a JSON file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"Cannot read {what} {path}: {error}") from None
+    try:
+        value = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+    except json.JSONDecodeError as error:
+        hint = ""
+        if str(path).lower().endswith((".yaml", ".yml")):
+            hint = " (YAML is not supported: write the options as a JSON object)"
+        raise UsageError(f"{what} {path} is not valid JSON{hint}: {error}") from None
+    except UsageError as error:
+        raise UsageError(f"{what} {path}: {error}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} {path} must hold a JSON object. Received: {type(value).__name__}")
+    return value
+
+
+def train_options(args) -> dict:
+    """The checked options of `kmtl train`: defaults < --config file < flags."""
+    options = dict(TRAIN_DEFAULTS)
+    if args.config is not None:
+        config = read_json_object(args.config, "--config")
+        unknown = sorted(set(config) - set(TRAIN_DEFAULTS))
+        if unknown:
+            raise UsageError(f"Unknown option(s) {unknown} in {args.config}. Known: {sorted(TRAIN_DEFAULTS)}")
+        for key, value in config.items():
+            options[key] = _check_train_value(key, value, f'"{key}" in {args.config}', from_text=False)
+    for key in TRAIN_DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            flag = "--" + key.replace("_", "-")
+            options[key] = _check_train_value(key, value, flag, from_text=isinstance(value, str))
+    if not options["tasks"]:
+        options["tasks"] = DEFAULT_TASKS[options["dataset"]].split(",")
+    weights = options["loss_weights"]
+    if weights is not None:
+        unknown = [name for name in weights if name not in options["tasks"]]
+        if unknown:
+            raise UsageError(
+                f"--loss-weights names task(s) {unknown} that are not trained; the tasks are "
+                f"{options['tasks']}. Received: loss_weights={weights!r}"
+            )
+        if len(weights) == len(options["tasks"]) and not any(weights.values()):
+            raise UsageError(f"--loss-weights are all 0: nothing would be trained. Received: {weights!r}")
+    if os.path.exists(options["out"]) and not os.path.isdir(options["out"]):
+        raise UsageError(f"--out {options['out']} exists and is not a directory")
+    return options
+
+
+def run_config_path(model_path) -> str:
+    """The `config.json` of the run that holds `model_path` (it may not exist)."""
+    return os.path.join(os.path.dirname(os.path.abspath(model_path)), "config.json")
+
+
+def _check_model_path(label, path):
+    if not os.path.lexists(path):
+        raise UsageError(f"No such model file: {path}")
+    if os.path.isdir(path):
+        hint = ""
+        if os.path.isfile(os.path.join(path, "model.keras")):
+            hint = f"; did you mean {os.path.join(path, 'model.keras')}?"
+        elif os.path.isfile(os.path.join(path, "saved_model.pb")):
+            hint = " (it holds a SavedModel; `kmtl` commands take the run's .keras file)"
+        raise UsageError(f"{label} {path} is a directory, not a .keras file{hint}")
+    if not os.path.exists(path):
+        raise UsageError(f"No such model file: {path} (a broken symbolic link)")
+    return path
+
+
+def evaluate_options(args) -> dict:
+    """The checked options of `kmtl evaluate`: defaults < the run's config.json < flags.
+
+    `options["tasks"]` is the run's task list (None without a run config, or
+    when --dataset names another dataset than the run's: then the model's
+    heads are the tasks).
+    """
+    options = dict(
+        EVALUATE_DEFAULTS, model=_check_model_path("MODEL", args.model), tasks=None, run_config=None
+    )
+    flags = {key: getattr(args, key) for key in ("dataset", "source", "data_dir", "split")}
+    config_path = run_config_path(args.model)
+    if os.path.isfile(config_path):
+        config = read_json_object(config_path, "The run's config")
+        for key in RUN_CONFIG_KEYS:
+            if key not in config or flags.get(key) is not None:
+                continue  # a flag overrides the run's value (which is then not checked either)
+            if key == "tasks" and flags["dataset"] not in (None, config.get("dataset")):
+                continue  # the run's tasks belong to the run's dataset
+            options[key] = _check_train_value(key, config[key], f'"{key}" in {config_path}', from_text=False)
+        options["run_config"] = config_path
+    for key, value in flags.items():
+        if value is not None:
+            options[key] = _string("--" + key.replace("_", "-"), value)
+    if args.batch_size is not None:
+        options["batch_size"] = _integer(
+            "--batch-size", args.batch_size, True, minimum=1, what="a positive integer"
+        )
+    return options
+
+
+def export_options(args) -> dict:
+    return {"model": _check_model_path("MODEL", args.model), "out": _string("OUT", args.out)}
+
+
+def parse(argv=None) -> tuple[str, dict]:
+    """Parses and checks `argv`; exits with status 2 and `kmtl: error: ...` if it is bad.
+
+    Returns:
+        `(command, options)`, ready for `kmtl.cli.run`.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return "train", train_options(args)
+        if args.command == "evaluate":
+            return "evaluate", evaluate_options(args)
+        return "export", export_options(args)
+    except UsageError as error:
+        parser.exit(2, f"{PROG}: error: {error}\n")
+
+
+def main(argv=None) -> int:
+    """Entry point of the `kmtl` console script: parse here, then run in `kmtl.cli`."""
+    command, options = parse(argv)
+    from kmtl import cli  # imports TensorFlow: only for a valid command
+
+    return cli.run(command, options)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
