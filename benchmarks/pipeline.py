@@ -13,22 +13,27 @@ Measures, in one process:
   the process, including reading the IDX files) and the warm one (source
   images already in memory), with the file cache disabled.
 
-Contenders alternate within each repeat and the table reports the median
-over repeats, plus each pipeline's rate divided by the training rate (target:
-at least 10x) and the generation time (target: under 10 s).
+Contenders alternate in interleaved rounds (benchmarks/_harness.py) and the
+table reports the median over rounds, plus each pipeline's rate divided by
+the training rate (target: at least 10x) and the generation time (target:
+under 10 s).
 
 Run (from the repository root):
 
-    KMTL_DATA_DIR=/work/shared/data python benchmarks/pipeline.py
+    KMTL_DATA_DIR=/work/shared/data python benchmarks/pipeline.py [--repeats 5] [--batches 60] [--steps 15]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import numpy as np
+
+try:
+    import _harness as harness
+except ImportError:  # run as `python -m benchmarks.pipeline`
+    from benchmarks import _harness as harness
 
 TRAINING = "training: kmtl MultiLeNet fit"
 PLAIN = "reference: original MultiLeNet (valid convs) in plain Keras fit"
@@ -36,27 +41,33 @@ PLAIN = "reference: original MultiLeNet (valid convs) in plain Keras fit"
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--repeats", type=int, default=5, help="measurements per contender")
     parser.add_argument("--batches", type=int, default=60, help="pipeline batches per measurement")
-    parser.add_argument("--steps", type=int, default=15, help="training steps per measurement")
     parser.add_argument("--batch-size", type=int, default=256)
+    harness.add_arguments(parser, repeats=5, steps=15)
     return parser.parse_args()
 
 
-def generation_times(multi_mnist_module, repeats):
-    """Cold (first in process) and median warm full-train-set generation times."""
+def generation_times(recipes, session):
+    """Cold (first in process) and median warm full-train-set generation times.
+
+    `recipes` is the `kmtl.data.recipes` module.
+    """
     start = time.perf_counter()
-    multi_mnist_module.multi_mnist_arrays("train", recipe="sener", cache_dir=False)
+    recipes.multi_mnist_arrays("train", recipe="sener", cache_dir=False)
     cold = time.perf_counter() - start
-    timings = {"sener": [], "pareto": []}
-    for _ in range(repeats):
-        for recipe in timings:
-            multi_mnist_module.clear_memory_cache()
+
+    def generation(recipe):
+        def measure():
+            recipes.clear_memory_cache()
             start = time.perf_counter()
-            multi_mnist_module.multi_mnist_arrays("train", recipe=recipe, cache_dir=False)
-            timings[recipe].append(time.perf_counter() - start)
-    multi_mnist_module.clear_memory_cache()
-    return cold, {recipe: statistics.median(values) for recipe, values in timings.items()}
+            recipes.multi_mnist_arrays("train", recipe=recipe, cache_dir=False)
+            return time.perf_counter() - start
+
+        return harness.Contender(recipe, measure)
+
+    results = session.alternate([generation("sener"), generation("pareto")], group="MultiMNIST generation")
+    recipes.clear_memory_cache()
+    return cold, {recipe: r.median for recipe, r in results.items()}
 
 
 def make_pipelines(data, batch_size):
@@ -81,20 +92,25 @@ def make_pipelines(data, batch_size):
     }
 
 
-def pipeline_meter(dataset, batches):
-    iterator = iter(dataset.repeat())
-    for _ in range(3):  # warm-up: builds buffers, shuffles, the first cache pass
-        next(iterator)
+def pipeline_meter(name, dataset, batches):
+    """A contender measuring seconds per example delivered by `dataset`."""
+    held = {}
+
+    def warmup():
+        held["iterator"] = iterator = iter(dataset.repeat())
+        for _ in range(3):  # builds buffers, shuffles, the first cache pass
+            next(iterator)
 
     def measure():
+        iterator = held["iterator"]
         count = 0
         start = time.perf_counter()
         for _ in range(batches):
             x = next(iterator)[0]
             count += int((next(iter(x.values())) if isinstance(x, dict) else x).shape[0])
-        return count / (time.perf_counter() - start)
+        return (time.perf_counter() - start) / count
 
-    return measure
+    return harness.Contender(name, measure, warmup)
 
 
 def plain_keras_lenet():
@@ -121,21 +137,24 @@ def plain_keras_lenet():
     return model
 
 
-def training_meter(model, batch_size, steps):
+def training_meter(name, model, batch_size, steps):
+    """A contender measuring seconds per example consumed by `model.fit`."""
     import tensorflow as tf
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(batch_size, 28, 28, 1)).astype("float32")
     y = {task: rng.integers(0, 10, batch_size) for task in ("left", "right")}
     batch = tf.data.Dataset.from_tensors((x, y)).repeat().prefetch(2)
-    model.fit(batch, steps_per_epoch=3, epochs=1, verbose=0)  # compiles the train step
+
+    def warmup():
+        model.fit(batch, steps_per_epoch=3, epochs=1, verbose=0)  # compiles the train step
 
     def measure():
         start = time.perf_counter()
         model.fit(batch, steps_per_epoch=steps, epochs=1, verbose=0)
-        return steps * batch_size / (time.perf_counter() - start)
+        return (time.perf_counter() - start) / (steps * batch_size)
 
-    return measure
+    return harness.Contender(name, measure, warmup)
 
 
 def kmtl_lenet(kmtl):
@@ -152,28 +171,27 @@ def kmtl_lenet(kmtl):
 
 def main():
     args = parse_args()
-    import importlib
+    session = harness.Session(args, title=f"batch size {args.batch_size}")
+    from kmtl.data import recipes
 
-    # The module (the `kmtl.data.multi_mnist` attribute is the pipeline function).
-    multi_mnist_module = importlib.import_module("kmtl.data.multi_mnist")
-    cold, warm = generation_times(multi_mnist_module, args.repeats)
+    cold, warm = generation_times(recipes, session)
 
     import kmtl
     import kmtl.data as data
 
-    meters = {
-        name: pipeline_meter(ds, args.batches) for name, ds in make_pipelines(data, args.batch_size).items()
-    }
-    meters[TRAINING] = training_meter(kmtl_lenet(kmtl), args.batch_size, args.steps)
-    meters[PLAIN] = training_meter(plain_keras_lenet(), args.batch_size, args.steps)
-    rates = {name: [] for name in meters}
-    for _ in range(args.repeats):  # alternate the contenders within each repeat
-        for name, measure in meters.items():
-            rates[name].append(measure())
-    median = {name: statistics.median(values) for name, values in rates.items()}
+    meters = [
+        pipeline_meter(name, ds, args.batches) for name, ds in make_pipelines(data, args.batch_size).items()
+    ]
+    meters.append(training_meter(TRAINING, kmtl_lenet(kmtl), args.batch_size, args.steps))
+    meters.append(training_meter(PLAIN, plain_keras_lenet(), args.batch_size, args.steps))
+    results = session.alternate(meters, group="pipelines and training")
+    for r in results.values():
+        if not r.ok:
+            raise SystemExit(f"{r.name} failed: {r.error}")
+    median = {name: 1.0 / r.median for name, r in results.items()}  # examples/s
     training, plain = median.pop(TRAINING), median.pop(PLAIN)
 
-    print(f"\nbatch size {args.batch_size}; median of {args.repeats} alternating repeats\n")
+    print(f"\nbatch size {args.batch_size}; median of {args.repeats} interleaved rounds\n")
     print(
         "| contender | examples/s | ratio to kmtl training | target >= 10x | ratio to plain-Keras training |"
     )
@@ -195,6 +213,7 @@ def main():
         print(
             f"| {recipe}, warm sources ({count} composites) | {seconds:.2f} | {'pass' if seconds < 10 else 'FAIL'} |"
         )
+    session.close()
 
 
 if __name__ == "__main__":

@@ -8,31 +8,32 @@ loss-level strategy, and every gradient-level strategy in
 `mode="parameters"` and (where the strategy supports it) in
 `mode="representation"`.
 
-Each model is traced first (a two-step fit); then the contenders alternate,
-round-robin over the repeats, each repeat being one `fit` epoch of `steps`
-steps timed from `on_epoch_begin` to `on_epoch_end` (so `fit`'s setup is not
-counted). The table gives the median and minimum step time over the repeats,
-the ratio of medians to the baseline, and the issue's target for the row.
+Each model is traced first (a two-step fit); then the contenders alternate
+in interleaved rounds (benchmarks/_harness.py), each measurement being one
+`fit` epoch of `steps` steps timed from `on_epoch_begin` to `on_epoch_end`
+(so `fit`'s setup is not counted). The table gives the median and minimum
+step time over the rounds, the ratio of medians to the baseline, and the
+issue's target for the row.
+
+With `--trees old=/tmp/kmtl_old,new=/work/main` every contender runs once per
+tree, each tree in its own worker process, alternating in the same rounds;
+ratios to static are taken within a tree and the last column compares each
+tree's step time to the first tree's.
 
     python benchmarks/weighting.py [--tasks 2 10] [--steps 10] [--repeats 3] [--only pcgrad,mgda]
+                                   [--trees old=/tmp/kmtl_old,new=/work/main]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import statistics
 import sys
 import time
 
-import keras
-import numpy as np
-import tensorflow as tf
-
-import kmtl
-from kmtl import heads
+try:
+    import _harness as harness
+except ImportError:  # run as `python -m benchmarks.weighting`
+    from benchmarks import _harness as harness
 
 BATCH = 256
 BASELINE = "static (none)"
@@ -49,48 +50,88 @@ def targets(level: str, mode: str | None, num_tasks: int) -> float | None:
     return None
 
 
-class EpochTimer(keras.callbacks.Callback):
-    """Records the wall time of each epoch (between epoch begin and end)."""
-
-    def __init__(self):
-        super().__init__()
-        self.seconds = []
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self._start = time.perf_counter()
-
-    def on_epoch_end(self, epoch, logs=None):
-        self.seconds.append(time.perf_counter() - self._start)
+# --- what runs in the measuring process (this one, or a tree's worker) ----------------------------
+_DATA: dict = {}
 
 
-def dataset(num_tasks: int, steps: int, seed: int = 0) -> tf.data.Dataset:
-    rng = np.random.default_rng(seed)
-    n = steps * BATCH
-    x = rng.normal(size=(n, 28, 28, 1)).astype("float32")
-    y = {f"t{i}": rng.integers(0, 10, size=(n,)).astype("int32") for i in range(num_tasks)}
-    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).cache()
-    for _ in data:  # fill the cache
-        pass
-    return data
+def dataset(num_tasks: int, steps: int, seed: int = 0):
+    """Synthetic MultiLeNet batches, cached in memory (one set per task count, shared by contenders)."""
+    key = (num_tasks, steps, seed)
+    if key not in _DATA:
+        import numpy as np
+        import tensorflow as tf
+
+        _DATA.clear()
+        rng = np.random.default_rng(seed)
+        n = steps * BATCH
+        x = rng.normal(size=(n, 28, 28, 1)).astype("float32")
+        y = {f"t{i}": rng.integers(0, 10, size=(n,)).astype("int32") for i in range(num_tasks)}
+        data = tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH).cache()
+        for _ in data:  # fill the cache
+            pass
+        _DATA[key] = data
+    return _DATA[key]
 
 
-def contenders(only: set[str] | None):
-    """Yields (label, strategy name or None, mode or None, level)."""
-    yield BASELINE, None, None, "none"
+def strategy_names() -> list[str]:
+    import kmtl
+
+    return list(kmtl.weighting.names())
+
+
+def contender_specs(only: list[str] | None = None) -> list[dict]:
+    """Every contender this kmtl offers: `{label, name, mode, level}` (baseline first)."""
+    import kmtl
+
+    specs = [{"label": BASELINE, "name": None, "mode": None, "level": "none"}]
     for name in kmtl.weighting.names():
         if only and name not in only:
             continue
         strategy = kmtl.weighting.get(name)
         if strategy.level == "loss":
-            yield name, name, None, "loss"
+            specs.append({"label": name, "name": name, "mode": None, "level": "loss"})
             continue
-        yield f"{name} [parameters]", name, "parameters", "gradient"
+        specs.append(
+            {"label": f"{name} [parameters]", "name": name, "mode": "parameters", "level": "gradient"}
+        )
         if strategy.supports_representation:
-            yield f"{name} [representation]", name, "representation", "gradient"
+            specs.append(
+                {
+                    "label": f"{name} [representation]",
+                    "name": name,
+                    "mode": "representation",
+                    "level": "gradient",
+                }
+            )
+    return specs
 
 
-def build(num_tasks: int, name: str | None, mode: str | None) -> kmtl.MultiTaskModel:
-    keras.utils.set_random_seed(0)
+_SEEDED = []
+
+
+def seed_once(seed: int = 0):
+    """Seeds Python, NumPy, TF and Keras once per process.
+
+    Not once per model: `keras.utils.set_random_seed` changes TF's global seed,
+    which makes every `tf.function` traced before it trace again on its next
+    call, so seeding while building the second model would put a retrace into
+    the first model's next measurement.
+    """
+    if not _SEEDED:
+        import keras
+
+        keras.utils.set_random_seed(seed)
+        _SEEDED.append(seed)
+
+
+def build(num_tasks: int, name: str | None, mode: str | None):
+    import tensorflow as tf
+
+    import kmtl
+    from kmtl import heads
+
+    tf.get_logger().setLevel("ERROR")
+    seed_once()
     model = kmtl.build_model(
         input_shape=(28, 28, 1),
         trunk=kmtl.trunks.lenet(),
@@ -101,91 +142,119 @@ def build(num_tasks: int, name: str | None, mode: str | None) -> kmtl.MultiTaskM
     return model
 
 
-def run(num_tasks: int, steps: int, repeats: int, only: set[str] | None) -> list[dict]:
-    data = dataset(num_tasks, steps)
-    rows = []
-    for label, name, mode, level in contenders(only):
-        start = time.perf_counter()
-        model = build(num_tasks, name, mode)
+def epoch_timer():
+    """A Keras callback recording the wall time of each epoch (between epoch begin and end)."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._start)
+
+    return EpochTimer()
+
+
+def build_contender(spec: dict) -> harness.Contender:
+    """spec: `{tasks, steps, label, name, mode}` (see `contender_specs`)."""
+    tasks, steps = spec["tasks"], spec["steps"]
+    held = {}
+
+    def warmup():
+        data = dataset(tasks, steps)
+        held["model"] = model = build(tasks, spec["name"], spec["mode"])
         model.fit(data.take(2), epochs=1, verbose=0, shuffle=False)  # trace
-        rows.append(
-            {
-                "label": label,
-                "level": level,
-                "mode": mode,
-                "model": model,
-                "timer": EpochTimer(),
-                "warmup": time.perf_counter() - start,
-            }
+        held["timer"] = epoch_timer()
+
+    def measure():
+        held["model"].fit(
+            dataset(tasks, steps), epochs=1, verbose=0, shuffle=False, callbacks=[held["timer"]]
         )
-    for _ in range(repeats):
-        for row in rows:
-            row["model"].fit(data, epochs=1, verbose=0, shuffle=False, callbacks=[row["timer"]])
-    base = statistics.median(next(r for r in rows if r["label"] == BASELINE)["timer"].seconds)
-    for row in rows:
-        seconds = row.pop("timer").seconds
-        row.pop("model")
-        row["median"] = statistics.median(seconds) / steps
-        row["min"] = min(seconds) / steps
-        row["ratio"] = statistics.median(seconds) / base
-        row["target"] = None if row["level"] == "none" else targets(row["level"], row["mode"], num_tasks)
-    return rows
+        return held["timer"].seconds[-1] / steps
+
+    return harness.Contender(spec["label"], measure, warmup)
 
 
+# --- the run ---------------------------------------------------------------------------------------
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 10])
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", default="", help="comma-separated strategy names (baseline always runs)")
+    harness.add_arguments(parser, repeats=3, steps=10, trees=True)
     args = parser.parse_args(argv)
-    only = {s.strip() for s in args.only.split(",") if s.strip()} or None
-    if only:
-        unknown = only - set(kmtl.weighting.names())
-        if unknown:
-            parser.error(f"unknown strategies {sorted(unknown)}; known: {kmtl.weighting.names()}")
-    load_start = os.getloadavg()
-    started = time.perf_counter()
-    print(f"command: python {' '.join(sys.argv)}")
-    print(
-        f"date: {datetime.datetime.now().isoformat(timespec='minutes')}, host cores: {os.cpu_count()}, "
-        f"python {platform.python_version()}, TF {tf.__version__}, Keras {keras.__version__}"
-    )
-    print(f"load average at start: {' '.join(f'{v:.2f}' for v in load_start)}")
-    print(
-        f"MultiLeNet, batch {BATCH}, {args.steps} steps x {args.repeats} alternating repeats, synthetic data"
-    )
-    print()
-    print("| tasks | strategy | level | median step (ms) | min step (ms) | ratio to static | target | pass |")
-    print("|---:|---|---|---:|---:|---:|---:|---|", flush=True)
-    results, failures = {}, []
-    for t in args.tasks:  # one group at a time, printed as soon as it is measured
-        results[t] = rows = run(t, args.steps, args.repeats, only)
-        for r in rows:
-            target = r["target"]
-            verdict = "" if target is None else ("pass" if r["ratio"] <= target else "MISS")
-            if verdict == "MISS":
-                failures.append(f"{t} tasks {r['label']} {r['ratio']:.2f}x > {target}x")
-            print(
-                f"| {t} | {r['label']} | {r['level']} | {1000 * r['median']:.1f} | {1000 * r['min']:.1f} | "
-                f"{r['ratio']:.2f} | {'' if target is None else f'<= {target}'} | {verdict} |",
-                flush=True,
-            )
-    print()
-    print(
-        "trace (warm-up) seconds: "
-        + "; ".join(
-            f"{t} tasks: max {max(r['warmup'] for r in rows):.1f} ({max(rows, key=lambda r: r['warmup'])['label']})"
-            for t, rows in results.items()
+    only = sorted({s.strip() for s in args.only.split(",") if s.strip()}) or None
+    title = f"MultiLeNet, batch {BATCH}, {args.steps} steps per measurement, synthetic data"
+    with harness.Session(args, title=title) as session:
+        workers = session.workers(sys.modules[__name__])
+        trees = [w.label for w in workers] if args.trees else [None]
+        if only:
+            for w in workers:
+                unknown = set(only) - set(w.call("strategy_names"))
+                if unknown:
+                    print(f"{w.label or 'kmtl'}: no strategies {sorted(unknown)} (skipped there)")
+
+        def name(label, tree):
+            return label if tree is None else f"{label} @{tree}"
+
+        columns = ["tasks", "strategy", "level"] + (["tree"] if args.trees else [])
+        columns += ["median step (ms)", "min step (ms)", "ratio to static", "target", "pass"]
+        columns += [f"ratio to {trees[0]}"] if args.trees else []
+        table = harness.Table(
+            columns, "rll" + ("l" if args.trees else "") + "rrrrl" + ("r" if args.trees else "")
         )
-    )
-    print(f"targets missed: {len(failures)}" + "".join(f"\n  {f}" for f in failures))
-    print(
-        f"load average at end: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
-        f"wall time {time.perf_counter() - started:.0f} s"
-    )
+        warmups, failures, errors = {}, [], []
+        for t in args.tasks:  # one group at a time, printed as soon as it is measured
+            specs = {}  # label -> spec, in the first tree's order, then labels only later trees have
+            offered = {}
+            for w, tree in zip(workers, trees):
+                offered[tree] = set()
+                for spec in w.call("contender_specs", only):
+                    specs.setdefault(spec["label"], spec)
+                    offered[tree].add(spec["label"])
+            contenders = [
+                session.remote(w, name(label, tree), {**spec, "tasks": t, "steps": args.steps})
+                for label, spec in specs.items()
+                for w, tree in zip(workers, trees)
+                if label in offered[tree]
+            ]
+            results = session.alternate(contenders, group=f"{t} tasks")
+            for label, spec in specs.items():
+                for tree in trees:
+                    if label not in offered[tree]:
+                        errors.append(f"{t} tasks {name(label, tree)}: not offered by this tree")
+                        continue
+                    r = results[name(label, tree)]
+                    if not r.ok:
+                        errors.append(f"{t} tasks {r.name}: {r.error}")
+                        continue
+                    warmups.setdefault((t, tree), []).append((r.warmup_seconds, label))
+                    value = results.ratio(r.name, name(BASELINE, tree))
+                    target = None if spec["level"] == "none" else targets(spec["level"], spec["mode"], t)
+                    verdict = (
+                        "" if target is None or value is None else ("pass" if value <= target else "MISS")
+                    )
+                    if verdict == "MISS":
+                        failures.append(f"{t} tasks {r.name} {value:.2f}x > {target}x")
+                    cells = [t, label, spec["level"]] + ([tree] if args.trees else [])
+                    cells += [harness.ms(r.median), harness.ms(r.min), harness.ratio(value, suffix="")]
+                    cells += ["" if target is None else f"<= {target}", verdict]
+                    if args.trees:
+                        cells.append(harness.ratio(results.ratio(r.name, name(label, trees[0]))))
+                    table.row(*cells)
+        print()
+        for (t, tree), values in warmups.items():
+            seconds, label = max(values)
+            where = "" if tree is None else f" [{tree}]"
+            print(f"trace (warm-up) seconds, {t} tasks{where}: max {seconds:.1f} ({label})")
+        print(f"targets missed: {len(failures)}" + "".join(f"\n  {f}" for f in failures))
+        if errors:
+            print(f"could not run: {len(errors)}" + "".join(f"\n  {e}" for e in errors))
 
 
 if __name__ == "__main__":
-    tf.get_logger().setLevel("ERROR")
     main()
