@@ -138,8 +138,8 @@ class OnesFromGram(Weighting):
     level = "gradient"
     gram_based = True
 
-    def weights_from_gram(self, gram, losses, present, step):
-        return keras.ops.ones((keras.ops.shape(gram)[0],), "float32")
+    def weights_from_gram(self, gram, values, present, step, state):
+        return keras.ops.ones((keras.ops.shape(gram)[0],), "float32"), {}
 
 
 def assert_gradient_level_equals_equal_weighting(
