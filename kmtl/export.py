@@ -552,8 +552,7 @@ def load_keras(path) -> keras.Model:
         InvalidModelFileError: (a `ValueError`) if the file is not a complete
             `.keras` archive, e.g. truncated or of another format.
     """
-    import kmtl  # noqa: F401  (registers every kmtl class)
-
+    # Every kmtl class is registered already: importing kmtl.export ran kmtl/__init__.py.
     path = Path(path)
     if path.is_dir():
         if (path / "saved_model.pb").is_file():
