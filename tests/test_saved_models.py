@@ -54,7 +54,10 @@ TRAIN = COMMON + textwrap.dedent(
             model = kmtl.build_model(inputs={"digit": (8, 8, 1), "parity": (8, 8, 1)}, **spec)
         else:
             model = kmtl.build_model(input_shape=(8, 8, 1), **spec)
-        model.compile(optimizer="adam", loss_weights={"parity": 0.5}, weighting=strategy)
+        weighting = kmtl.weighting.get(strategy)
+        if weighting.level == "gradient" and weighting.mode == "representation" and not model.supports_representation:
+            weighting = kmtl.weighting.get(strategy, mode="parameters")  # e.g. GradDrop on CGC
+        model.compile(optimizer="adam", loss_weights={"parity": 0.5}, weighting=weighting)
         model.fit(x, y, batch_size=8, epochs=2, verbose=0)
         name = f"{strategy}-{architecture}"
         model.save(f"{out}/{name}.keras")

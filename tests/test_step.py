@@ -118,6 +118,7 @@ def test_non_finite_gradient_with_finite_losses_is_rejected_and_named():
 
     x, y = _data()
     model = _model("pcgrad", loss={"value": sqrt_error})
+    model.optimizer.build(model.trainable_variables)
     before = _snapshot(model)
     with pytest.raises(kmtl.NonFiniteLossError, match="non-finite gradient") as info:
         model.fit(x, y, batch_size=32, epochs=1, verbose=0)

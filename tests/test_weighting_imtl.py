@@ -6,25 +6,26 @@ import tensorflow as tf
 from kmtl.weighting import IMTL, get
 
 
-def _alpha(G, present=None):
-    G = np.asarray(G, np.float64)
+def _alpha(G, present=None, dtype="float64"):
+    G = np.asarray(G, dtype)
     T = len(G)
     strategy = IMTL()
     strategy.build([f"t{i}" for i in range(T)])
     present = [True] * T if present is None else present
-    return strategy.weights_from_gram(
-        tf.constant(G @ G.T), tf.ones(T, tf.float64), tf.constant(present), 0
-    ).numpy()
+    alpha, new_state = strategy.weights_from_gram(
+        tf.constant(G @ G.T), tf.ones(T, G.dtype), tf.constant(present), tf.constant(0), strategy.state()
+    )
+    assert new_state == {}
+    return alpha.numpy().astype(np.float64)
 
 
 @pytest.mark.parametrize("num_tasks", [2, 3, 5])
 def test_equal_projections_onto_every_unit_gradient(num_tasks):
     rng = np.random.default_rng(num_tasks)
-    for _ in range(5):
-        G = rng.normal(size=(num_tasks, 8)) * rng.uniform(0.1, 10, size=(num_tasks, 1))
+    for _ in range(3):
+        G = rng.normal(size=(num_tasks, 8)) * 10.0 ** rng.uniform(-3, 3, size=(num_tasks, 1))
         alpha = _alpha(G)
-        d = alpha @ G
-        projections = (G / np.linalg.norm(G, axis=1, keepdims=True)) @ d
+        projections = (G / np.linalg.norm(G, axis=1, keepdims=True)) @ (alpha @ G)
         np.testing.assert_allclose(projections, projections[0], rtol=1e-9)
         np.testing.assert_allclose(alpha.sum(), 1.0, atol=1e-12)
 
@@ -35,6 +36,26 @@ def test_paper_closed_form_for_two_tasks():
     u1, u2 = g1 / np.linalg.norm(g1), g2 / np.linalg.norm(g2)
     a2 = (g1 @ (u1 - u2)) / ((g1 - g2) @ (u1 - u2))
     np.testing.assert_allclose(_alpha([g1, g2]), [1 - a2, a2], atol=1e-12)
+
+
+def test_more_tasks_than_rank_is_the_least_squares_fit():
+    # Three directions in the plane: no non-zero update has equal projections. The update is
+    # the least-squares fit of u_t . d = 1, d = (a, a) with a = 1/2 + sqrt(2)/4 by symmetry,
+    # scaled so that the weights sum to 1 (not the zero update of the exact system).
+    G = np.array([[2.0, 0.0], [0.0, 0.5], [1.0, 1.0]])
+    alpha = _alpha(G)
+    d = alpha @ G
+    np.testing.assert_allclose(alpha.sum(), 1.0, atol=1e-12)
+    np.testing.assert_allclose(d[0], d[1], rtol=1e-12)
+    units = G / np.linalg.norm(G, axis=1, keepdims=True)
+    fit = np.linalg.lstsq(units, np.ones(3), rcond=None)[0]
+    np.testing.assert_allclose(fit, [0.5 + np.sqrt(2) / 4] * 2, rtol=1e-12)
+    np.testing.assert_allclose(d / np.linalg.norm(d), fit / np.linalg.norm(fit), rtol=1e-12)
+    # A float32 Gram matrix with a near-dependent row: the rank is decided at float32 precision.
+    H = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1e-5]])
+    alpha32 = _alpha(H, dtype="float32")
+    assert np.isfinite(alpha32).all() and abs(alpha32.sum() - 1) < 1e-5
+    np.testing.assert_allclose(_alpha(H[:, :2], dtype="float32"), alpha32, rtol=1e-4)
 
 
 def test_masked_and_one_task():
@@ -49,33 +70,17 @@ def test_masked_and_one_task():
         (np.zeros((3, 2)), np.zeros(2)),
         (np.array([[1.0, 2.0], [1.0, 2.0]]), np.array([1.0, 2.0])),
         (np.array([[1.0, 2.0], [-1.0, -2.0]]), np.zeros(2)),
+        (np.array([[1.0, 2.0], [-3.0, -6.0]]), np.zeros(2)),  # opposite: alpha ~ 1 / |g_t|
         (np.array([[0.0, 0.0], [1.0, 2.0]]), np.array([1.0, 2.0])),  # zero gradient: no direction
     ],
 )
 def test_degenerate_inputs(G, expected):
-    strategy = IMTL()
-    np.testing.assert_allclose(strategy.aggregate(G).numpy(), expected, atol=1e-9)
-    assert np.all(np.isfinite(strategy.task_weights.numpy()))
+    np.testing.assert_allclose(IMTL().aggregate(G).numpy(), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
-def test_graph_and_jit(jit_compile):
-    strategy = IMTL()
-    strategy.build(["a", "b", "c"])
-    G = np.random.default_rng(1).normal(size=(3, 4, 2)).astype("float32")
-
-    @tf.function(jit_compile=jit_compile)
-    def run(g):
-        return strategy.combine_gradients([g], tf.ones(3), tf.constant([True, True, True]), 0)[0]
-
-    out = run(tf.constant(G)).numpy().ravel()
-    flat = G.reshape(3, -1).astype(np.float64)
-    projections = (flat / np.linalg.norm(flat, axis=1, keepdims=True)) @ out
-    np.testing.assert_allclose(projections, projections[0], rtol=1e-4)
-
-
-def test_serialization_round_trip():
+def test_config_round_trip():
     strategy = get("imtl", mode="representation", update_every=2)
+    strategy.build(["a", "b"])
     restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(strategy))
     assert isinstance(restored, IMTL) and restored.get_config() == strategy.get_config()
 

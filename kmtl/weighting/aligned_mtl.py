@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import keras
-import numpy as np
-import tensorflow as tf
+from keras import ops
 
+from kmtl.registry import register
 from kmtl.weighting import _solvers
 from kmtl.weighting.base import Weighting
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "aligned_mtl")
 class AlignedMTL(Weighting):
     """Aligned-MTL: make the linear system of task gradients well conditioned.
 
     With the eigen-decomposition of the Gram matrix `K = G G^T = V S V^T`
-    (`S = diag(s_1 >= ... >= s_r > 0)` on its numerical rank `r`), the
-    task gradients `G = V S^1/2 W^T` are replaced by the aligned gradients
+    (`S = diag(s_1 >= ... >= s_r > 0)` on its rank `r`), the task gradients
+    `G = V S^1/2 W^T` are replaced by the aligned gradients
     `sigma_min V W^T`, which have the same principal directions but all
     singular values equal to the smallest one, `sigma_min = sqrt(s_r)`
     (condition number 1: no component dominates, none conflicts). In terms
@@ -28,13 +27,28 @@ class AlignedMTL(Weighting):
     (Algorithm 1 with unit task weights, as in LibMTL; torchjd uses the mean,
     i.e. `alpha / T`). For orthogonal gradients every task gradient is
     rescaled to the smallest gradient norm: `alpha_t = min_s |g_s| / |g_t|`.
-    Eigenvalues below `max(s) * T * eps` (eps of the input dtype) count as
-    zero, so identical or opposite gradients are handled (opposite gradients
-    give a zero update). The decomposition is `tf.linalg.eigh` in float64.
-    Absent tasks have zero rows in `K` and get weight 0.
+    `alpha(c G) = alpha(G)`.
+
+    Numerics: the decomposition is a cyclic Jacobi eigendecomposition in
+    float64 (`kmtl.weighting._solvers.symmetric_eigh`), the same with and
+    without XLA. Jacobi rotations with a relative stopping rule give the
+    small eigenvalues of `K = D^1/2 K_n D^1/2` (`D = diag(K)`) with a small
+    relative error when `K_n` is well conditioned, where a QR-type
+    eigensolver leaves them an absolute error of `eps * max(s)`: this
+    matters when the gradient norms spread over orders of magnitude. The
+    rank `r` is decided on the unit-diagonal `K_n`, i.e. on the gradients'
+    directions only: its eigenvalues below `max * T * eps` (eps of the input
+    dtype) count as zero.
+
+    Degenerate cases: with more tasks than the rank, `V` spans the rank and
+    `sigma_min` is the smallest non-zero singular value; identical gradients
+    are handled, and opposite gradients give a zero update. Absent tasks and
+    zero gradients have zero rows in `K` and get weight 0; if every present
+    gradient is zero the weights are 1 (the update is zero anyway).
 
     Args:
-        **kwargs: base `Weighting` arguments (`update_every`, `mode`, `name`).
+        **kwargs: base `Weighting` arguments (`update_every`, `mode`,
+            `engine`, `name`).
 
     Example:
 
@@ -53,23 +67,23 @@ class AlignedMTL(Weighting):
     level = "gradient"
     gram_based = True
 
-    def weights_from_gram(self, gram, losses, present, step):
+    def weights_from_gram(self, gram, values, present, step, state):
         num_tasks = gram.shape[0]
-        K, _ = _solvers.normalized_gram(gram, present)
-        mask = tf.cast(present, tf.float64)
-        eigenvalues, vectors = tf.linalg.eigh(K)
-        eps = float(np.finfo(gram.dtype.as_numpy_dtype).eps)
-        tolerance = tf.reduce_max(eigenvalues) * num_tasks * eps
-        keep = eigenvalues > tolerance
-        inverse_sqrt = tf.where(
-            keep, 1.0 / tf.sqrt(tf.maximum(eigenvalues, 1e-300)), tf.zeros_like(eigenvalues)
-        )
-        smallest = tf.reduce_min(
-            tf.where(keep, eigenvalues, tf.fill(tf.shape(eigenvalues), tf.constant(np.inf, tf.float64)))
-        )
-        balance = tf.sqrt(tf.where(tf.reduce_any(keep), smallest, 0.0)) * tf.matmul(
-            vectors * inverse_sqrt[None, :], vectors, transpose_b=True
-        )
-        alpha = tf.linalg.matvec(balance, mask) * mask
-        alpha = tf.where(tf.reduce_any(keep), alpha, mask)
-        return tf.cast(alpha, gram.dtype)
+        K = _solvers.gram64(gram, present)
+        mask = _solvers.mask64(present)
+        Kn, _, _ = _solvers.unit_diagonal(K, present)
+        # The rank from the directions only; the spectrum from K itself.
+        directions, _ = _solvers.symmetric_eigh(Kn)
+        cutoff = ops.max(directions) * num_tasks * _solvers.eps(gram.dtype)
+        rank = ops.sum(ops.cast(directions > ops.maximum(cutoff, 1e-300), "int32"))
+        eigenvalues, vectors = _solvers.symmetric_eigh(K)
+        # The r largest eigenvalues are the non-zero ones.
+        ordered = ops.sort(eigenvalues)
+        smallest = ops.take(ordered, ops.clip(num_tasks - rank, 0, num_tasks - 1))
+        top = ops.logical_and(eigenvalues >= smallest, eigenvalues > 0)
+        inverse_sqrt = ops.where(top, 1.0 / ops.sqrt(ops.where(top, eigenvalues, 1.0)), 0.0)
+        sigma_min = ops.sqrt(ops.maximum(smallest, 0.0))
+        balance = sigma_min * ops.matmul(vectors * inverse_sqrt[None, :], ops.transpose(vectors))
+        alpha = ops.matmul(balance, mask) * mask
+        alpha = ops.where(rank > 0, alpha, mask)
+        return ops.cast(alpha, gram.dtype), {}

@@ -129,10 +129,12 @@ class Weighting(keras.layers.Layer):
         self.built = True
 
     def get_build_config(self):
-        return {"task_names": list(self.task_names)}
+        # An unbuilt strategy has no build config: loading it leaves it unbuilt.
+        return {"task_names": list(self.task_names)} if self.built else None
 
     def build_from_config(self, config):
-        self.build(config["task_names"])
+        if config and config.get("task_names"):
+            self.build(config["task_names"])
 
     def add_state(self, name: str, shape, initializer="zeros", dtype: str = "float32"):
         """Adds a non-trainable state variable (identical on every replica)."""

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import keras
-import tensorflow as tf
+from keras import ops
 
-from kmtl.weighting import _solvers
+from kmtl.registry import register
+from kmtl.weighting import _checks, _solvers
 from kmtl.weighting.base import Weighting
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "nash_mtl")
 class NashMTL(Weighting):
     """Multi-task learning as a bargaining game (Nash-MTL).
 
@@ -21,26 +21,45 @@ class NashMTL(Weighting):
     i.e. every task's directional derivative `g_t . d` is `1 / alpha_t`;
     consequently `|d|^2 = alpha^T K alpha = T`. These are the optimality
     conditions of the strictly convex problem
-    `min_{alpha > 0} 1/2 alpha^T K alpha - sum_t log alpha_t`, which kmtl
-    solves in the graph (no cvxpy) by damped Newton iterations: with
-    Newton decrement `lambda`, the step `Delta / (1 + lambda)` of this
-    self-concordant function never leaves `alpha > 0`, and once
-    `lambda < 1/4` full Newton steps converge quadratically. The solve runs
-    on `K` scaled to a unit mean diagonal, plus `ridge` times the identity
-    (which keeps `alpha` finite when the gradients conflict exactly, e.g.
-    `g_2 = -g_1`, where no solution exists and the update is 0), and
-    `alpha` is scaled back.
+    `min_{alpha > 0} 1/2 alpha^T K alpha - sum_t log alpha_t`.
+
+    kmtl solves them per task rescaled: with `D = diag(K)` and
+    `alpha_t = beta_t / sqrt(D_t)` the equations become
+    `(K_n beta)_t = 1 / beta_t` on the unit-diagonal matrix
+    `K_n = D^-1/2 K D^-1/2`, which only depends on the gradients'
+    directions. So each task is resolved alike whatever the spread of the
+    gradient norms, and `alpha(c G) = alpha(G) / c`. The solve is damped
+    Newton in the graph (no cvxpy): with Newton decrement `lambda`, the step
+    `Delta / (1 + lambda)` of this self-concordant function never leaves
+    `beta > 0`, and once `lambda < 1/4` full Newton steps converge
+    quadratically; it stops when `lambda < 1e-10` (scale-free) or after
+    `max_iter` steps.
+
+    `ridge` (relative: it is added to the unit diagonal of `K_n`) makes the
+    problem solvable in every case. Without it no solution exists when a
+    non-negative combination of the task gradients is 0 (Pareto
+    stationarity: e.g. `g_2 = -g_1`, or more tasks than the gradients' rank
+    with no common descent direction): the weights of the tasks in that
+    combination then grow like `1 / sqrt(ridge)`, their contributions cancel
+    in the update, and the update is the bargaining solution among the
+    remaining directions (0 for two opposite gradients). Where a solution
+    exists, the ridge changes the equations only by the relative term
+    `ridge * beta_t^2`.
 
     The paper's "update the weights every k steps" is the base argument
     `update_every`. Unlike the paper's code, kmtl neither caps `alpha`'s
     rescaling of the gradient nor clips the update norm; use the optimizer's
-    `clipnorm` for that. Absent tasks take no part and get weight 0; if all
+    `clipnorm` for that. Absent tasks and tasks with an exactly zero gradient
+    (no direction to bargain over) take no part and get weight 0; if all
     present gradients are zero the weights are 0.
 
     Args:
-        max_iter: Newton iteration cap (convergence usually takes < 15).
-        ridge: Tikhonov term added to the normalized Gram matrix (> 0).
-        **kwargs: base `Weighting` arguments (`update_every`, `mode`, `name`).
+        max_iter: Newton iteration cap (convergence usually takes < 15 steps;
+            the Pareto-stationary cases above take more).
+        ridge: relative Tikhonov term added to the unit-diagonal Gram matrix
+            (in (0, 1)).
+        **kwargs: base `Weighting` arguments (`update_every`, `mode`,
+            `engine`, `name`).
 
     Raises:
         ValueError: for a `max_iter` < 1 or a `ridge` outside (0, 1).
@@ -62,40 +81,37 @@ class NashMTL(Weighting):
     level = "gradient"
     gram_based = True
 
-    def __init__(self, max_iter: int = 50, ridge: float = 1e-8, **kwargs):
+    def __init__(self, max_iter: int = 100, ridge: float = 1e-8, **kwargs):
         super().__init__(**kwargs)
-        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-            raise ValueError(f"`max_iter` must be a positive integer. Received: max_iter={max_iter!r}")
-        if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 < float(ridge) < 1:
-            raise ValueError(f"`ridge` must be a number in (0, 1). Received: ridge={ridge!r}")
-        self.max_iter = max_iter
-        self.ridge = float(ridge)
+        self.max_iter = _checks.positive_int(max_iter, "max_iter")
+        self.ridge = _checks.number(ridge, "ridge", low=0.0, high=1.0, low_open=True, high_open=True)
 
-    def weights_from_gram(self, gram, losses, present, step):
+    def weights_from_gram(self, gram, values, present, step, state):
         num_tasks = gram.shape[0]
-        K, scale = _solvers.normalized_gram(gram, present)
-        mask = tf.cast(present, tf.float64)
-        # Absent tasks are decoupled (K_tt = 1, alpha_t = 1), then zeroed.
-        K = K + tf.linalg.diag(1.0 - mask) + self.ridge * tf.eye(num_tasks, dtype=tf.float64)
-        alpha0 = 1.0 / tf.sqrt(tf.linalg.diag_part(K))
+        K = _solvers.gram64(gram, present)
+        Kn, inv_sqrt, valid = _solvers.unit_diagonal(K, present)
+        valid_f = ops.cast(valid, "float64")
+        # Invalid tasks are decoupled (unit diagonal, beta_t = 1), then zeroed.
+        eye = ops.eye(num_tasks, dtype="float64")
+        Kn = Kn + eye * (1.0 - valid_f)[None, :] + self.ridge * eye * valid_f[None, :]
+        beta0 = ops.ones((num_tasks,), "float64") / ops.sqrt(1.0 + self.ridge * valid_f)
 
-        def body(i, alpha, decrement):
-            grad = tf.linalg.matvec(K, alpha) - 1.0 / alpha
-            hessian = K + tf.linalg.diag(1.0 / (alpha * alpha))
-            delta = -tf.linalg.solve(hessian, grad[:, None])[:, 0]
-            decrement = tf.sqrt(tf.maximum(-tf.tensordot(grad, delta, 1), 0.0))
-            damping = tf.where(decrement < 0.25, tf.ones_like(decrement), 1.0 / (1.0 + decrement))
-            alpha = tf.maximum(alpha + damping * delta, 1e-300)
-            return i + 1, alpha, decrement
+        def body(i, beta, decrement):
+            grad = ops.matmul(Kn, beta) - 1.0 / beta
+            hessian = Kn + eye / (beta * beta)[None, :]
+            delta = -ops.solve(hessian, grad)
+            decrement = ops.sqrt(ops.maximum(-ops.sum(grad * delta), 0.0))
+            damping = ops.where(decrement < 0.25, 1.0, 1.0 / (1.0 + decrement))
+            beta = ops.maximum(beta + damping * delta, 1e-300)
+            return i + 1, beta, decrement
 
-        def cond(i, alpha, decrement):
-            return tf.logical_and(i < self.max_iter, decrement > 1e-10)
+        def cond(i, beta, decrement):
+            return ops.logical_and(i < self.max_iter, decrement > 1e-10)
 
-        start = (tf.constant(0), alpha0, tf.constant(1.0, tf.float64))
-        _, alpha, _ = tf.while_loop(cond, body, start, maximum_iterations=self.max_iter)
-        raw_trace = tf.reduce_sum(tf.linalg.diag_part(tf.cast(gram, tf.float64)) * mask)
-        alpha = tf.where(raw_trace > 0, alpha * mask / tf.sqrt(scale), tf.zeros_like(alpha))
-        return tf.cast(alpha, gram.dtype)
+        start = (ops.convert_to_tensor(0, "int32"), beta0, ops.convert_to_tensor(1.0, "float64"))
+        _, beta, _ = ops.while_loop(cond, body, start, maximum_iterations=self.max_iter)
+        alpha = beta * inv_sqrt * valid_f
+        return ops.cast(alpha, gram.dtype), {}
 
     def get_config(self):
         base_config = super().get_config()

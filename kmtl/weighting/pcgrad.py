@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import keras
-import tensorflow as tf
+from keras import ops
 
-from kmtl.weighting import _solvers
+from kmtl.registry import register
+from kmtl.weighting import _checks, _random, _solvers
 from kmtl.weighting.base import Weighting
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "pcgrad")
 class PCGrad(Weighting):
     """Projecting Conflicting Gradients ("gradient surgery").
 
@@ -28,21 +28,27 @@ class PCGrad(Weighting):
     `g_i^PC . g_j`) and returns `alpha = sum_i C_i` (`update = G^T alpha`);
     the gradients themselves are touched once, in the final combination.
     The projections of all tasks run side by side, so one pass costs `T`
-    small steps.
+    small steps. Only signs and ratios of inner products enter, so
+    `alpha(c G) = alpha(G)`.
 
-    The random orders (one permutation per task per step) are drawn from a
-    stateless generator keyed by `(seed, draw counter)`: reproducible for a
-    seed, identical on every replica, and continued after a reload. With two
-    tasks the order does not matter. Absent tasks take no part and get weight
-    0; a zero gradient never triggers a projection.
+    The random orders (one permutation per task per step) are a pure
+    function of `(seed, draws)` (`kmtl.weighting._random`), where `draws`
+    is a state variable the step advances when it commits: reproducible for
+    a seed, identical on every replica and with or without XLA, and
+    continued after a reload. With two tasks the order does not matter.
+
+    Degenerate cases: absent tasks take no part and get weight 0; a zero
+    gradient never triggers a projection. Exactly opposite gradients project
+    each other to 0 (the update is 0 for a pair `g, -g`).
 
     Args:
         seed: integer seed of the random orders. `None` draws one at
             construction (kept in the config).
-        **kwargs: base `Weighting` arguments (`update_every`, `mode`, `name`).
+        **kwargs: base `Weighting` arguments (`update_every`, `mode`,
+            `engine`, `name`).
 
     Raises:
-        ValueError: for a `seed` that is not a non-negative integer.
+        ValueError: for a `seed` that is not an integer in [0, 2**63).
 
     Example:
 
@@ -62,29 +68,29 @@ class PCGrad(Weighting):
 
     def __init__(self, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.seed = _solvers.check_seed(seed)
+        self.seed = _checks.seed(seed)
 
     def build_state(self, num_tasks: int) -> None:
         self.draws = self.add_state("draws", (), "zeros", dtype="int64")
 
-    def weights_from_gram(self, gram, losses, present, step):
+    def weights_from_gram(self, gram, values, present, step, state):
         num_tasks = gram.shape[0]
         K, _ = _solvers.normalized_gram(gram, present)
-        mask = tf.cast(present, tf.float64)
-        orders = _solvers.random_orders(_solvers.next_key(self.seed, self.draws), num_tasks)
-        coefficients = tf.eye(num_tasks, dtype=tf.float64)
-        squared_norms = tf.linalg.diag_part(K)
-        tasks = tf.range(num_tasks, dtype=orders.dtype)
+        mask = _solvers.mask64(present)
+        orders = _random.orders(_random.key(self.seed, state["draws"]), num_tasks)
+        coefficients = ops.eye(num_tasks, dtype="float64")
+        squared_norms = ops.diagonal(K)
+        tasks = ops.arange(num_tasks, dtype="int32")
         for k in range(num_tasks):
             partner = orders[:, k]  # task i is projected against task partner[i]
-            onehot = tf.one_hot(partner, num_tasks, dtype=tf.float64)
-            dots = tf.reduce_sum(tf.matmul(coefficients, K) * onehot, axis=1)
-            partner_norm = tf.gather(squared_norms, partner)
-            conflict = (dots < 0) & (partner != tasks) & (partner_norm > 0)
-            coef = tf.where(conflict, dots / tf.maximum(partner_norm, 1e-300), tf.zeros_like(dots))
-            coefficients = coefficients - coef[:, None] * onehot
-        alpha = tf.linalg.matvec(coefficients, mask, transpose_a=True) * mask
-        return tf.cast(alpha, gram.dtype)
+            onehot = ops.one_hot(partner, num_tasks, dtype="float64")
+            dots = ops.sum(ops.matmul(coefficients, K) * onehot, axis=1)
+            partner_norm = ops.sum(onehot * squared_norms[None, :], axis=1)
+            conflict = ops.logical_and(dots < 0, ops.logical_and(partner != tasks, partner_norm > 0))
+            ratio = dots / ops.where(partner_norm > 0, partner_norm, 1.0)
+            coefficients = coefficients - ops.where(conflict, ratio, 0.0)[:, None] * onehot
+        alpha = ops.matmul(mask, coefficients) * mask
+        return ops.cast(alpha, gram.dtype), {"draws": state["draws"] + 1}
 
     def get_config(self):
         base_config = super().get_config()

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import keras
-import tensorflow as tf
+from keras import ops
 
-from kmtl.weighting import _solvers
+from kmtl.registry import register
+from kmtl.weighting import _checks, _solvers
 from kmtl.weighting.base import Weighting
 
 
-@keras.saving.register_keras_serializable(package="kmtl")
+@register("weighting", "upgrad")
 class UPGrad(Weighting):
     """Unconflicting projection of gradients.
 
@@ -21,18 +21,35 @@ class UPGrad(Weighting):
         lambda_i = argmin_{lambda >= 0} 1/2 lambda^T K lambda + lambda^T K e_i,
 
     a small non-negative quadratic program on the Gram matrix `K`, solved in
-    the graph by `kmtl.weighting._solvers.nonnegative_qp` (exact for up to
-    10 tasks). The weights are `alpha = mean_i (e_i + lambda_i)` over the
-    present tasks, and the update `G^T alpha` has a non-negative inner product
-    with every task gradient. When no task conflicts, every `lambda_i` is 0
-    and UPGrad is the mean gradient.
+    the graph by `kmtl.weighting._solvers.nonnegative_qp`: exactly, by
+    enumerating the supports, for up to `max_exact_tasks` tasks, and by
+    Lawson-Hanson active-set iterations above. The weights are
+    `alpha = mean_i (e_i + lambda_i)` over the present tasks, and the update
+    `d = G^T alpha` has a non-negative inner product with every task
+    gradient. When no task conflicts, every `lambda_i` is 0 and UPGrad is the
+    mean gradient.
+
+    The programs are solved with every task gradient rescaled to unit norm
+    (`lambda_i` maps back exactly), so the dual cone, which only depends on
+    the gradients' directions, is resolved equally well for every task
+    whatever the spread of the gradient norms, and no tolerance depends on
+    their units: `alpha(c G) = alpha(G)`.
+
+    Degenerate cases: when the task gradients positively span their span
+    (e.g. more tasks than the gradients' rank and no common descent
+    direction, or two exactly opposite gradients), the dual cone meets that
+    span only at 0 and the update is 0; `lambda_i` is then not unique, the
+    update is. A zero gradient adds no constraint (it still counts in the
+    mean, with weight `1 / n_present`). Absent tasks take no part and get
+    weight 0.
 
     Args:
         max_exact_tasks: number of tasks up to which the quadratic programs
             are solved by exact enumeration of their support (2^T small
-            systems in one batched solve); above it an accelerated projected
-            gradient method with an exact final polish is used.
-        **kwargs: base `Weighting` arguments (`update_every`, `mode`, `name`).
+            systems in one batched solve); above it the active-set method
+            is used.
+        **kwargs: base `Weighting` arguments (`update_every`, `mode`,
+            `engine`, `name`).
 
     Raises:
         ValueError: for a `max_exact_tasks` outside [0, 14].
@@ -55,23 +72,15 @@ class UPGrad(Weighting):
 
     def __init__(self, max_exact_tasks: int = 10, **kwargs):
         super().__init__(**kwargs)
-        if (
-            isinstance(max_exact_tasks, bool)
-            or not isinstance(max_exact_tasks, int)
-            or not 0 <= max_exact_tasks <= 14
-        ):
-            raise ValueError(
-                f"`max_exact_tasks` must be an integer in [0, 14]. Received: max_exact_tasks={max_exact_tasks!r}"
-            )
-        self.max_exact_tasks = max_exact_tasks
+        self.max_exact_tasks = _checks.integer(max_exact_tasks, "max_exact_tasks", low=0, high=14)
 
-    def weights_from_gram(self, gram, losses, present, step):
-        K, _ = _solvers.normalized_gram(gram, present)
-        mask = tf.cast(present, tf.float64)
+    def weights_from_gram(self, gram, values, present, step, state):
+        K = _solvers.gram64(gram, present)
+        mask = _solvers.mask64(present)
         lambdas = _solvers.nonnegative_qp(K, K * mask[None, :], present, max_exact_tasks=self.max_exact_tasks)
-        count = tf.maximum(tf.reduce_sum(mask), 1.0)
-        alpha = (mask + tf.linalg.matvec(lambdas, mask)) * mask / count
-        return tf.cast(alpha, gram.dtype)
+        count = ops.maximum(ops.sum(mask), 1.0)
+        alpha = (mask + ops.matmul(lambdas, mask)) * mask / count
+        return ops.cast(alpha, gram.dtype), {}
 
     def get_config(self):
         base_config = super().get_config()
