@@ -130,8 +130,9 @@ def test_non_finite_gradient_with_finite_losses_is_rejected_and_named():
 def test_jacobian_and_gram_engines_take_the_same_step(name):
     x, y = _data()
     results = {}
+    options = {"seed": 0} if name == "pcgrad" else {}  # the same random orders on both engines
     for engine in ("jacobian", "gram"):
-        model = _model(kmtl.weighting.get(name, engine=engine), optimizer=keras.optimizers.SGD(0.1))
+        model = _model(kmtl.weighting.get(name, engine=engine, **options), optimizer=keras.optimizers.SGD(0.1))
         model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
         results[engine] = model
     for a, b in zip(results["jacobian"].get_weights(), results["gram"].get_weights(), strict=True):
