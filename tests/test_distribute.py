@@ -25,12 +25,6 @@ SCRIPT = textwrap.dedent(
     import kmtl
     from kmtl import heads, trunks
 
-    class SumOfGradients(kmtl.weighting.Weighting):
-        level = "gradient"
-        gram_based = True
-        def weights_from_gram(self, gram, values, present, step, state):
-            return ops.cast(present, "float32"), {}
-
     class NormalizedSum(kmtl.weighting.Weighting):
         """Non-linear in the gradients: catches a missing all-reduce."""
         level = "gradient"
@@ -61,10 +55,7 @@ SCRIPT = textwrap.dedent(
         ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice())
     cases = [
         ("static", lambda: None, mirrored),
-        ("equal", lambda: kmtl.weighting.Equal(), mirrored),
         ("dwa", lambda: kmtl.weighting.DWA(), mirrored),
-        ("sum-parameters", lambda: SumOfGradients(mode="parameters"), mirrored),
-        ("sum-representation", lambda: SumOfGradients(mode="representation"), mirrored),
         ("normalized-parameters", lambda: NormalizedSum(mode="parameters"), mirrored),
         ("normalized-gram", lambda: NormalizedSum(engine="gram"), mirrored),
         ("normalized-representation", lambda: NormalizedSum(mode="representation"), mirrored),
