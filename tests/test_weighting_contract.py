@@ -321,3 +321,14 @@ def test_fit_on_mnist_improves_both_tasks_and_survives_reload(name, mnist, tmp_p
     assert restored.weighting.get_config() == model.weighting.get_config()
     for a, b in zip(restored.weighting.get_weights(), model.weighting.get_weights(), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("value", [None, float("nan"), 0, -2, 1.5, True, "2"])
+def test_base_arguments_are_checked_with_clear_errors(value):
+    with pytest.raises(ValueError, match=r"`update_every` must be an integer >= 1\. Received: update_every="):
+        kmtl.weighting.get("pcgrad", update_every=value)
+    with pytest.raises(ValueError, match=r"`mode` must be one of"):
+        kmtl.weighting.get("pcgrad", mode="everything")
+    with pytest.raises(ValueError, match=r"`engine` must be one of"):
+        kmtl.weighting.get("mgda", engine="fast")
+    assert kmtl.weighting.get("pcgrad", update_every=np.int64(3)).update_every == 3
