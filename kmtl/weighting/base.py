@@ -270,7 +270,8 @@ def gram_matrix(grads):
     gram = None
     for g in grads:
         flat = ops.reshape(g, (ops.shape(g)[0], -1))
-        part = ops.matmul(flat, ops.transpose(flat))
+        # einsum contracts in place; matmul(flat, transpose(flat)) copied `flat` first.
+        part = ops.einsum("ti,si->ts", flat, flat)
         gram = part if gram is None else gram + part
     return gram
 

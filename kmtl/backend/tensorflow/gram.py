@@ -92,7 +92,11 @@ def stagewise_gram(tape, model, hidden, rep_grads):
         sources = variables + ([hidden[s]] if s > 0 else [])
         if not sources:
             continue
-        results = _vjp_per_task(tape, hidden[s + 1], sources, cotangent)
+        # Stage s's pass starts only once the Gram contribution of the stage
+        # above is computed, so two stages' per-task gradients are never alive
+        # together (without it, TensorFlow may run the passes concurrently).
+        with tf.control_dependencies([] if total is None else [total]):
+            results = _vjp_per_task(tape, hidden[s + 1], sources, cotangent)
         if variables:
             per_task = distribute.sum_over_replicas(list(results[: len(variables)]))
             part = gram_matrix(per_task)
