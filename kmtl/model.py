@@ -300,8 +300,7 @@ class MultiTaskModel(keras.Model):
         super().reset_metrics()
         objective = getattr(self, "objective", None)
         if objective is not None:
-            for tracker in objective.weight_trackers.values():
-                tracker.reset_state()
+            objective.weight_tracker.reset_state()
 
     def log_keys(self) -> logs.LogKeys:
         """The per-task log keys of this compiled model (`kmtl.logs.LogKeys`)."""

@@ -76,6 +76,49 @@ class TaskLosses:
         return total
 
 
+@keras.saving.register_keras_serializable(package="kmtl")
+class TaskMeans(keras.metrics.Metric):
+    """Weighted means of a `[T]` vector, one per task, in one metric.
+
+    `result()` is `{key: mean}` for the `T` keys given, so the means appear in
+    the logs under those keys (`<task>_loss`, `<task>_weight`). Two variables
+    (`totals` of shape `[T]` and `count`), one update per step whatever the
+    number of tasks.
+
+    Args:
+        keys: the `T` log keys, in task order.
+        name: the metric's own name.
+
+    Example:
+
+    >>> means = TaskMeans(["digit_loss", "parity_loss"])
+    >>> means.update_state([0.5, 0.25], sample_weight=2.0)
+    >>> {k: float(v) for k, v in means.result().items()}
+    {'digit_loss': 0.5, 'parity_loss': 0.25}
+    """
+
+    def __init__(self, keys, name="task_means", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        self.keys = [str(k) for k in keys]
+        if not self.keys or len(set(self.keys)) != len(self.keys):
+            raise ValueError(f"TaskMeans needs distinct keys. Received: keys={list(keys)!r}")
+        self.totals = self.add_variable(shape=(len(self.keys),), initializer="zeros", name="totals")
+        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+
+    def update_state(self, values, sample_weight=None):
+        values = ops.reshape(ops.cast(values, self.dtype), (len(self.keys),))
+        weight = ops.cast(1.0 if sample_weight is None else sample_weight, self.dtype)
+        self.totals.assign_add(values * weight)
+        self.count.assign_add(weight)
+
+    def result(self):
+        means = ops.divide_no_nan(self.totals, self.count)
+        return {key: means[i] for i, key in enumerate(self.keys)}
+
+    def get_config(self):
+        return {**super().get_config(), "keys": list(self.keys)}
+
+
 def _check_weight(name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
         raise ValueError(
@@ -154,8 +197,10 @@ class TaskObjective:
         self.static_weights = [_check_weight(n, weights.get(n, 1.0)) for n in self.task_names]
         self.validate_targets = bool(validate_targets)
         self.total_tracker = keras.metrics.Mean(name="loss")
-        self.loss_trackers = {n: keras.metrics.Mean(name=logs.key(n, "loss")) for n in self.task_names}
-        self.weight_trackers = {n: keras.metrics.Mean(name=logs.key(n, "weight")) for n in self.task_names}
+        # One tracker per quantity for all tasks (not one per task): a step's
+        # bookkeeping does not grow by a metric update per head.
+        self.loss_tracker = TaskMeans([logs.key(n, "loss") for n in self.task_names], name="task_losses")
+        self.weight_tracker = TaskMeans([logs.key(n, "weight") for n in self.task_names], name="task_weights")
         # What made a training step fail in this fit: [kind, task index] (see
         # kmtl.backend.tensorflow.step); [0, -1] while every step succeeded.
         self.status = keras.Variable(
@@ -301,9 +346,9 @@ class TaskObjective:
     # --- trackers ----------------------------------------------------------
     def metrics(self, training: bool) -> list:
         """The trackers this objective reports (`loss`, `<task>_loss`, in training `<task>_weight`)."""
-        trackers = [self.total_tracker] + list(self.loss_trackers.values())
+        trackers = [self.total_tracker, self.loss_tracker]
         if training:
-            trackers += list(self.weight_trackers.values())
+            trackers.append(self.weight_tracker)
         return trackers
 
     def update_trackers(self, losses: TaskLosses, batch_size, task_weights=None, accept=None):
@@ -316,10 +361,9 @@ class TaskObjective:
             return value if accept is None else ops.where(accept, value, ops.zeros_like(value))
 
         self.total_tracker.update_state(clean(losses.total_value()), sample_weight=batch)
-        for i, name in enumerate(self.task_names):
-            self.loss_trackers[name].update_state(clean(losses.raw_values[i]), sample_weight=batch)
-            if task_weights is not None:
-                self.weight_trackers[name].update_state(clean(task_weights[i]), sample_weight=batch)
+        self.loss_tracker.update_state(clean(losses.raw_values), sample_weight=batch)
+        if task_weights is not None:
+            self.weight_tracker.update_state(clean(task_weights), sample_weight=batch)
 
     # --- config ------------------------------------------------------------
     def loss_config(self) -> dict:
@@ -327,4 +371,4 @@ class TaskObjective:
         return dict(self.loss_identifiers)
 
 
-__all__ = ["TaskLosses", "TaskObjective"]
+__all__ = ["TaskLosses", "TaskMeans", "TaskObjective"]

@@ -121,8 +121,7 @@ def train_step(model, data):
         _after_step(model, strategy, x, targets, weights, losses, accept)
     objective.update_trackers(losses, _batch_size(x), task_weights, accept)
     logs = dict(model.compute_metrics(x, targets, y_pred, sample_weight=_metric_weights(model, sample_weight)))
-    for tracker in objective.weight_trackers.values():
-        logs[tracker.name] = tracker.result()
+    logs.update(objective.weight_tracker.result())
     return logs
 
 
