@@ -16,14 +16,7 @@ from kmtl import heads, trunks
 
 @pytest.fixture(scope="module")
 def model():
-    keras.utils.set_random_seed(0)
-    m = kmtl.build_model(
-        heads=[heads.Classification("digit", 10), heads.Binary("parity"), heads.Regression("value")],
-        trunk=trunks.conv((4,), (8,)),
-        input_shape=(8, 8, 1),
-    )
-    m.compile()
-    return m
+    return tiny_model(0)
 
 
 def test_saved_model_outputs_equal_predict(model, tmp_path):

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from _weighting_helpers import combine_stateless
 
 from kmtl.weighting import DBMTL, get
 
@@ -11,22 +12,11 @@ def _build(tasks=("a", "b"), **kwargs):
     return strategy
 
 
-def _combine(strategy, losses, present, values=None):
-    losses = tf.Variable(losses, dtype=tf.float32)
-    values = tf.constant(losses) if values is None else tf.constant(values, tf.float32)
-    with tf.GradientTape() as tape:
-        total, weights, new_state = strategy.combine(
-            losses, values, tf.constant(present), 0, strategy.state()
-        )
-    assert new_state == {}
-    return float(total), weights.numpy(), tape.gradient(total, losses).numpy()
-
-
 def test_total_is_sum_of_log_losses_and_gradient_is_inverse_loss():
     strategy = get("db_mtl")
     assert isinstance(strategy, DBMTL)
     strategy.build(["a", "b", "c"])
-    total, weights, grad = _combine(strategy, [0.5, 2.0, 10.0], [True, True, True])
+    total, weights, grad = combine_stateless(strategy, [0.5, 2.0, 10.0], [True, True, True])
     np.testing.assert_allclose(total, np.log(0.5) + np.log(2.0) + np.log(10.0), rtol=1e-6)
     np.testing.assert_allclose(grad, [2.0, 0.5, 0.1], rtol=1e-6)
     np.testing.assert_allclose(weights, [2.0, 0.5, 0.1], rtol=1e-6)
@@ -36,7 +26,7 @@ def test_replica_shares_get_the_weights_of_the_global_values():
     # Two replicas with shares s1 + s2 = L: the summed gradients are those of log(L).
     strategy = _build()
     values = [0.5, 4.0]
-    _, weights, grad = _combine(strategy, [0.1, 3.0], [True, True], values=values)
+    _, weights, grad = combine_stateless(strategy, [0.1, 3.0], [True, True], values=values)
     np.testing.assert_allclose(weights, [2.0, 0.25], rtol=1e-6)
     np.testing.assert_allclose(grad, [2.0, 0.25], rtol=1e-6)
 
@@ -57,11 +47,11 @@ def test_scale_invariance_of_the_update_direction():
 
 def test_masked_task_is_left_out_and_zero_loss_is_finite():
     strategy = _build(eps=1e-6)
-    total, weights, grad = _combine(strategy, [0.5, 0.0], [True, False])
+    total, weights, grad = combine_stateless(strategy, [0.5, 0.0], [True, False])
     np.testing.assert_allclose(total, np.log(0.5 + 1e-6), rtol=1e-6)
     np.testing.assert_allclose(grad, [1 / (0.5 + 1e-6), 0.0], rtol=1e-6)
     np.testing.assert_allclose(weights, [1 / (0.5 + 1e-6), 0.0], rtol=1e-6)
-    total, weights, _ = _combine(strategy, [0.0, 1.0], [True, True])
+    total, weights, _ = combine_stateless(strategy, [0.0, 1.0], [True, True])
     np.testing.assert_allclose(total, np.log(1e-6) + np.log(1.0 + 1e-6), rtol=1e-6)
     np.testing.assert_allclose(weights, [1e6, 1 / (1 + 1e-6)], rtol=1e-6)
 

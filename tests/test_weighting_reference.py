@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import tensorflow as tf
+from _weighting_helpers import pcgrad_reference
 
 import kmtl
 from kmtl.weighting import _random
@@ -169,18 +170,6 @@ def _cagrad_primal(G, c):
     return best
 
 
-def _pcgrad_update(G, orders):
-    """PCGrad on the gradients themselves, with the strategy's visiting orders."""
-    out = []
-    for i, order in enumerate(orders):
-        g = G[i].copy()
-        for j in order:
-            if j != i and g @ G[j] < 0:
-                g = g - (g @ G[j]) / (G[j] @ G[j]) * G[j]
-        out.append(g)
-    return np.sum(out, axis=0)
-
-
 # --- the strategies under test ----------------------------------------------------
 METHODS = {
     # name: (registered name, constructor arguments, tolerance on the update)
@@ -245,7 +234,7 @@ def _reference(method, strategy, G):
     if method.startswith("cagrad"):
         return _cagrad_update(G, strategy.c)
     orders = _random.orders(_random.key(strategy.seed, 0), NUM_TASKS).numpy()
-    return _pcgrad_update(_padded(G)[0], orders)
+    return pcgrad_reference(_padded(G)[0], orders)
 
 
 def _relative_error(d, reference, G):
