@@ -288,7 +288,9 @@ def main(argv=None):
                     equal_extra, equal_peak = info["extra"], info["step peak"]
                 over = None if equal_extra is None else info["extra"] - equal_extra
                 peak_over = (
-                    None if equal_peak is None or info["step peak"] is None else info["step peak"] - equal_peak
+                    None
+                    if equal_peak is None or info["step peak"] is None
+                    else info["step peak"] - equal_peak
                 )
                 largest = info["largest shared"]
                 bound = 2 * t * largest

@@ -277,8 +277,6 @@ class Regression(Head):
         return {**super().get_config(), "units": self.units}
 
 
-
-
 def get(identifier) -> Head:
     """Returns a head from a `Head`, a config dict or a `{"kind": ...}` dict.
 

@@ -12,11 +12,16 @@ from kmtl import heads as heads_module
 from kmtl import trunks as trunks_module
 from kmtl import weighting as weighting_module
 from kmtl.callbacks import TrainingGuard
-from kmtl.errors import NonFiniteLossError
 from kmtl.objective import TaskObjective
 
 #: `keras.Model.compile` arguments kept in the compile config besides kmtl's own.
-_KERAS_COMPILE_ARGUMENTS = ("weighted_metrics", "run_eagerly", "steps_per_execution", "jit_compile", "auto_scale_loss")
+_KERAS_COMPILE_ARGUMENTS = (
+    "weighted_metrics",
+    "run_eagerly",
+    "steps_per_execution",
+    "jit_compile",
+    "auto_scale_loss",
+)
 
 
 def _input_spec(input_shape, inputs):
@@ -228,14 +233,20 @@ class MultiTaskModel(keras.Model):
         object.__setattr__(self, "objective", objective)
         self._kmtl_weighting = strategy
         # Untracked too: they are saved as the compile config, not as state.
-        object.__setattr__(self, "compile_arguments", {
-            "optimizer": self.optimizer,
-            "loss": loss,
-            "loss_weights": None if loss_weights is None else dict(zip(objective.task_names, objective.static_weights)),
-            "metrics": metrics,
-            "weighting": strategy,
-            **{k: v for k, v in kwargs.items() if k in _KERAS_COMPILE_ARGUMENTS},
-        })
+        object.__setattr__(
+            self,
+            "compile_arguments",
+            {
+                "optimizer": self.optimizer,
+                "loss": loss,
+                "loss_weights": None
+                if loss_weights is None
+                else dict(zip(objective.task_names, objective.static_weights)),
+                "metrics": metrics,
+                "weighting": strategy,
+                **{k: v for k, v in kwargs.items() if k in _KERAS_COMPILE_ARGUMENTS},
+            },
+        )
 
     def _per_head(self, argument, value, default):
         if value is None:
@@ -291,7 +302,11 @@ class MultiTaskModel(keras.Model):
         objective = getattr(self, "objective", None)
         if objective is None or not self.compiled:
             return keras_metrics
-        if keras_metrics and isinstance(keras_metrics[0], keras.metrics.Mean) and keras_metrics[0].name == "loss":
+        if (
+            keras_metrics
+            and isinstance(keras_metrics[0], keras.metrics.Mean)
+            and keras_metrics[0].name == "loss"
+        ):
             # Keras's own total-loss tracker: kmtl's objective reports the total instead.
             keras_metrics = keras_metrics[1:]
         return objective.metrics(training=False) + keras_metrics

@@ -121,9 +121,7 @@ class TaskMeans(keras.metrics.Metric):
 
 def _check_weight(name, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
-        raise ValueError(
-            f"Loss weight of head {name!r} must be a finite number >= 0. Received: {value!r}"
-        )
+        raise ValueError(f"Loss weight of head {name!r} must be a finite number >= 0. Received: {value!r}")
     if float(value) < 0:
         raise ValueError(f"Loss weight of head {name!r} must be >= 0. Received: {value!r}")
     return float(value)
@@ -184,8 +182,13 @@ class TaskObjective:
             reduce to a scalar, or every head without a loss.
     """
 
-    def __init__(self, heads: Sequence, loss: Mapping, loss_weights: Mapping | None = None,
-                 validate_targets: bool = True):
+    def __init__(
+        self,
+        heads: Sequence,
+        loss: Mapping,
+        loss_weights: Mapping | None = None,
+        validate_targets: bool = True,
+    ):
         self.heads = list(heads)
         self.head_map = {h.name: h for h in self.heads}
         self.loss_identifiers = {h.name: loss.get(h.name) for h in self.heads}

@@ -323,10 +323,22 @@ def test_strategy_runs_load_evaluate_and_export_in_new_processes(tmp_path, mnist
     # As a user meets it: `kmtl train` with a weighting strategy (from flags, and
     # from a --config file), then `kmtl evaluate` and `kmtl export`, each its own process.
     config = tmp_path / "run.json"
-    config.write_text(json.dumps({"dataset": "mnist", "weighting": "uncertainty", "epochs": 1, "train_limit": 1000}))
+    config.write_text(
+        json.dumps({"dataset": "mnist", "weighting": "uncertainty", "epochs": 1, "train_limit": 1000})
+    )
     runs = {
-        "pcgrad": ["--dataset", "mnist", "--tasks", "digit,parity", "--epochs", "1", "--weighting", "pcgrad",
-                   "--train-limit", "1000"],
+        "pcgrad": [
+            "--dataset",
+            "mnist",
+            "--tasks",
+            "digit,parity",
+            "--epochs",
+            "1",
+            "--weighting",
+            "pcgrad",
+            "--train-limit",
+            "1000",
+        ],
         "uncertainty": ["--config", str(config)],
     }
     env_args = ["--data-dir", str(mnist_dir), "--verbose", "0", "--out", str(tmp_path)]
@@ -336,6 +348,8 @@ def test_strategy_runs_load_evaluate_and_export_in_new_processes(tmp_path, mnist
         model = tmp_path / name / "model.keras"
         status, out, err, _ = run_console_script("evaluate", str(model), "--split", "test[:500]", timeout=300)
         assert status == 0 and "digit" in out and "parity" in out, out + err
-        status, out, err, _ = run_console_script("export", str(model), str(tmp_path / f"{name}-served"), timeout=300)
+        status, out, err, _ = run_console_script(
+            "export", str(model), str(tmp_path / f"{name}-served"), timeout=300
+        )
         assert status == 0, out + err
         assert (tmp_path / f"{name}-served" / "saved_model.pb").exists()

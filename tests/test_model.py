@@ -286,7 +286,11 @@ def test_trainable_strategy_variables_are_optimized():
 
         def combine(self, losses, values, present, step, state):
             weight = ops.exp(-self.scale)
-            return ops.sum(weight * losses + self.scale), ops.stop_gradient(weight) * ops.ones_like(losses), {}
+            return (
+                ops.sum(weight * losses + self.scale),
+                ops.stop_gradient(weight) * ops.ones_like(losses),
+                {},
+            )
 
     x, y = _data(32)
     model = _model(Learned())

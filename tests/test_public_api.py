@@ -39,8 +39,12 @@ def test_no_private_keras_api_anywhere_in_kmtl():
     forbidden = [
         re.compile(r"keras\.src\b|from keras\.src|import keras\.src"),
         re.compile(r"\b(?:keras|tf|tensorflow)(?:\.\w+)*\._[a-z]\w*"),
-        re.compile(r"\b(?:model|optimizer|layer|metric|tracker|loss|compile_loss|strategy\.extended)\._[a-z]\w*"),
-        re.compile(r"\._(?:flat_losses|compile_config|compile_loss|compile_metrics|loss_tracker|tracker|layers)\b"),
+        re.compile(
+            r"\b(?:model|optimizer|layer|metric|tracker|loss|compile_loss|strategy\.extended)\._[a-z]\w*"
+        ),
+        re.compile(
+            r"\._(?:flat_losses|compile_config|compile_loss|compile_metrics|loss_tracker|tracker|layers)\b"
+        ),
     ]
     offending = []
     for path, text in _sources().items():

@@ -25,7 +25,7 @@ STRATEGIES = kmtl.weighting.names()
 PAIRS = [(s, ARCHITECTURES[i % len(ARCHITECTURES)]) for i, s in enumerate(STRATEGIES)]
 
 COMMON = textwrap.dedent(
-    r'''
+    r"""
     import json, sys
     import numpy as np
     import keras
@@ -40,11 +40,11 @@ COMMON = textwrap.dedent(
         if architecture == "task_routed":
             x = {"digit": x, "parity": 1.0 - x}
         return x, y
-    '''
+    """
 )
 
 TRAIN = COMMON + textwrap.dedent(
-    r'''
+    r"""
     out, pairs = sys.argv[1], json.loads(sys.argv[2])
     for strategy, architecture in pairs:
         keras.utils.set_random_seed(0)
@@ -67,11 +67,11 @@ TRAIN = COMMON + textwrap.dedent(
         np.savez(f"{out}/{name}.npz", **{f"pred_{k}": v for k, v in prediction.items()}, **state)
         print("saved", name, flush=True)
     print("TRAINED")
-    '''
+    """
 )
 
 LOAD = COMMON + textwrap.dedent(
-    r'''
+    r"""
     import tensorflow as tf
     out, pairs = sys.argv[1], json.loads(sys.argv[2])
     for strategy, architecture in pairs:
@@ -103,7 +103,7 @@ LOAD = COMMON + textwrap.dedent(
             np.testing.assert_allclose(result[key].numpy(), prediction[key], rtol=1e-5, atol=1e-6, err_msg=name)
         print("loaded", name, flush=True)
     print("LOADED")
-    '''
+    """
 )
 
 

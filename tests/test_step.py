@@ -67,7 +67,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,options", CASES, ids=[f"{n}-{'-'.join(o.values()) or 'default'}" for n, o in CASES])
+@pytest.mark.parametrize(
+    "name,options", CASES, ids=[f"{n}-{'-'.join(o.values()) or 'default'}" for n, o in CASES]
+)
 def test_non_finite_batch_changes_nothing_under_adam(name, options):
     x, y = _data()
     model = _model(None if name is None else kmtl.weighting.get(name, **options))
@@ -104,7 +106,9 @@ def test_a_failed_batch_freezes_the_rest_of_its_execution_block():
     # A fresh copy trained on that first batch alone reaches exactly the same state.
     reference = _model("uncertainty", steps_per_execution=4)
     reference.fit(x, y, batch_size=16, epochs=1, verbose=0)
-    reference.fit(x[:16], {k: v[:16] for k, v in y.items()}, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    reference.fit(
+        x[:16], {k: v[:16] for k, v in y.items()}, batch_size=16, epochs=1, verbose=0, shuffle=False
+    )
     # Same variables in the same order (their paths differ by the objects' name counters).
     for a, b in zip(_snapshot(reference).values(), after.values(), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -132,7 +136,9 @@ def test_jacobian_and_gram_engines_take_the_same_step(name):
     results = {}
     options = {"seed": 0} if name == "pcgrad" else {}  # the same random orders on both engines
     for engine in ("jacobian", "gram"):
-        model = _model(kmtl.weighting.get(name, engine=engine, **options), optimizer=keras.optimizers.SGD(0.1))
+        model = _model(
+            kmtl.weighting.get(name, engine=engine, **options), optimizer=keras.optimizers.SGD(0.1)
+        )
         model.fit(x, y, batch_size=32, epochs=2, verbose=0, shuffle=False)
         results[engine] = model
     for a, b in zip(results["jacobian"].get_weights(), results["gram"].get_weights(), strict=True):
@@ -150,7 +156,10 @@ def test_engine_choice_is_exposed_and_checked():
         kmtl.weighting.get("graddrop", engine="gram")
     keras.utils.set_random_seed(0)
     mmoe = kmtl.build_model(
-        heads=[heads.Binary("a"), heads.Binary("b")], trunk=trunks.dense((8,)), input_shape=(4,), architecture="mmoe"
+        heads=[heads.Binary("a"), heads.Binary("b")],
+        trunk=trunks.dense((8,)),
+        input_shape=(4,),
+        architecture="mmoe",
     )
     mmoe.compile(weighting=kmtl.weighting.get("mgda", engine="gram"))
     with pytest.raises(ValueError, match="chain of stages"):
@@ -166,7 +175,10 @@ def test_label_check_runs_before_the_loss(where):
     bad["digit"][3] = 16
     model = _model()
     for _ in range(3):  # deterministic, not a race
-        with pytest.raises(kmtl.LabelError, match=r"Head 'digit': labels must be integers in \[0, 9\]\. Received: labels with min=0, max=16"):
+        with pytest.raises(
+            kmtl.LabelError,
+            match=r"Head 'digit': labels must be integers in \[0, 9\]\. Received: labels with min=0, max=16",
+        ):
             if where == "fit":
                 model.fit(x, bad, batch_size=32, verbose=0)
             elif where == "evaluate":
@@ -210,6 +222,8 @@ def test_same_batch_strategies_learn_from_the_batch_after_the_update():
     before_values, state = values(), strategy.state()
     model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
     after_values = values()
-    expected = strategy.after_step(before_values, after_values, tf.ones((3,), bool), tf.constant(0, tf.int64), state)
+    expected = strategy.after_step(
+        before_values, after_values, tf.ones((3,), bool), tf.constant(0, tf.int64), state
+    )
     np.testing.assert_allclose(strategy.logits.numpy(), expected["logits"].numpy(), rtol=1e-5, atol=1e-7)
     assert np.abs(strategy.logits.numpy()).max() > 0

@@ -68,7 +68,9 @@ def _step_fn(strategy, jit_compile=None):
                 total, weights, new_state = strategy.combine(losses, losses, present, iteration, state)
             output, d_losses = total, tape.gradient(total, losses)
         else:
-            combined, weights, new_state = strategy.combine_gradients([grads], losses, present, iteration, state)
+            combined, weights, new_state = strategy.combine_gradients(
+                [grads], losses, present, iteration, state
+            )
             output, d_losses = combined[0], tf.zeros_like(losses)
         strategy.commit({**new_state, "task_weights": weights})
         return output, tf.identity(strategy.task_weights), d_losses
@@ -282,8 +284,12 @@ def test_aggregate_is_matrix_in_vector_out_for_every_strategy(name):
         losses = tf.ones((3,))
         with tf.GradientTape() as tape:
             tape.watch(losses)
-            total, weights, _ = built.combine(losses, losses, tf.ones((3,), bool), tf.constant(0, tf.int64), built.state())
-        np.testing.assert_allclose(weights.numpy(), tape.gradient(total, losses).numpy(), rtol=1e-5, atol=1e-7)
+            total, weights, _ = built.combine(
+                losses, losses, tf.ones((3,), bool), tf.constant(0, tf.int64), built.state()
+            )
+        np.testing.assert_allclose(
+            weights.numpy(), tape.gradient(total, losses).numpy(), rtol=1e-5, atol=1e-7
+        )
 
 
 def _fresh_model(heads, name):

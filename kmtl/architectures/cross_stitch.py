@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from kmtl.registry import register
-
 import keras
 
 from kmtl.architectures import _common
 from kmtl.architectures.base import Parts
 from kmtl.architectures.layers import CrossStitch
+from kmtl.registry import register
 
 
 @register("architecture", "cross_stitch")

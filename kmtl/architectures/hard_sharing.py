@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from kmtl.registry import register
-
 import keras
 
 from kmtl.architectures.base import Parts, decoder_inputs
+from kmtl.registry import register
 
 
 @register("architecture", "hard_sharing")

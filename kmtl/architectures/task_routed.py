@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from kmtl.registry import register
-
 import warnings
 
 import keras
 
 from kmtl.architectures import _common
 from kmtl.architectures.base import Parts
+from kmtl.registry import register
 
 
 def _resolve_routes(input_names, head_names, routes) -> dict:

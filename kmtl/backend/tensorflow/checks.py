@@ -48,7 +48,9 @@ def translate_errors(model):
         match = _PATTERN.search(str(error).replace("\\'", "'"))
         if match is None:
             raise
-        raise LabelError(f"{match.group(1)} Received: labels with min={match.group(2)}, max={match.group(3)}") from None
+        raise LabelError(
+            f"{match.group(1)} Received: labels with min={match.group(2)}, max={match.group(3)}"
+        ) from None
 
 
 __all__ = ["check_label_range", "translate_errors"]

@@ -120,7 +120,9 @@ def train_step(model, data):
     if strategy is not None and getattr(strategy, "needs_losses_after_step", False):
         _after_step(model, strategy, x, targets, weights, losses, accept)
     objective.update_trackers(losses, _batch_size(x), task_weights, accept)
-    logs = dict(model.compute_metrics(x, targets, y_pred, sample_weight=_metric_weights(model, sample_weight)))
+    logs = dict(
+        model.compute_metrics(x, targets, y_pred, sample_weight=_metric_weights(model, sample_weight))
+    )
     logs.update(objective.weight_tracker.result())
     return logs
 
@@ -302,9 +304,7 @@ def _gradient_level(model, strategy, x, targets, weights, verdict):
         else:
             stacked = gram.per_task_parameter_gradients(tape, flat_rep, shared, rep_grads)
             clean, flags = _sanitize_stacked(distribute.sum_over_replicas(stacked))
-            combined, alpha, new_state = strategy.combine_gradients(
-                clean, values, present, step, state
-            )
+            combined, alpha, new_state = strategy.combine_gradients(clean, values, present, step, state)
             # The optimizer sums over replicas again: hand it a per-replica share.
             shared_grads = [g / replicas for g in combined]
         alpha = tf.cast(alpha, tf.float32)
@@ -312,7 +312,12 @@ def _gradient_level(model, strategy, x, targets, weights, verdict):
 
     def reuse():
         alpha = tf.cast(strategy.task_weights, tf.float32)
-        return encoder_backward(combine_with(alpha, rep_grads)), alpha, dict(state), tf.ones((num_tasks,), tf.bool)
+        return (
+            encoder_backward(combine_with(alpha, rep_grads)),
+            alpha,
+            dict(state),
+            tf.ones((num_tasks,), tf.bool),
+        )
 
     if strategy.update_every == 1:
         shared_grads, alpha, new_state, task_flags = full()
@@ -334,7 +339,6 @@ def _gradient_level(model, strategy, x, targets, weights, verdict):
     if reg is not None:
         reg_grads = _zeros_for_none(tape.gradient(reg, variables), variables)
         grads = [g + r for g, r in zip(grads, reg_grads)]
-    del tape
     _check_losses(losses, verdict)
     verdict.require(task_flags, BAD_TASK_GRADIENT)
     verdict.require(_all_finite([alpha]), BAD_UPDATE)
@@ -363,8 +367,6 @@ def _after_step(model, strategy, x, targets, weights, losses, accept):
     strategy.commit(new_state, accept)
 
 
-
-
 def shared_task_gradients(model, data):
     """`[T, P]`: each task's gradient of the shared variables on one batch (inference mode).
 
@@ -387,7 +389,9 @@ def shared_task_gradients(model, data):
         for parts in zip(*[_zeros_for_none(tape.gradient(loss, flat_rep), flat_rep) for loss in per_task])
     ]
     shared = model.shared_variables
-    stacked = distribute.sum_over_replicas(gram.per_task_parameter_gradients(tape, flat_rep, shared, rep_grads))
+    stacked = distribute.sum_over_replicas(
+        gram.per_task_parameter_gradients(tape, flat_rep, shared, rep_grads)
+    )
     del tape
     return tf.concat([tf.reshape(g, (len(names), -1)) for g in stacked], axis=1)
 
