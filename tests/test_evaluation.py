@@ -49,10 +49,12 @@ def test_evaluate_returns_per_task_table():
 def test_delta_m_hand_computed():
     mtl = {"digit": {"accuracy": 0.99}, "value": {"mae": 0.5}}
     single = {"digit": {"accuracy": 0.90}, "value": {"mae": 1.0}}
-    # digit: +10%; value: lower is better, (0.5-1)/1 = -50% -> +50%. Mean = 30%.
-    assert delta_m(mtl, single) == pytest.approx(30.0)
+    # Δm terms (positive = worse): digit -(0.99-0.90)/0.90 = -10%; value (lower is better) (0.5-1)/1 = -50%.
+    # Δm = (-10 - 50) / 2 = -30%; Δp (positive = better, one metric per task) = (10 + 50) / 2 = +30%.
+    result = delta_m(Report(mtl), Report(single))
+    assert result.delta_m == pytest.approx(-30.0)
+    assert result.delta_p == pytest.approx(30.0)
     with pytest.raises(ValueError, match="non-zero"):
-        delta_m(mtl, {"digit": {"accuracy": 0.0}})
-    with pytest.raises(ValueError, match="not in the report"):
+        delta_m(mtl, {"digit": {"accuracy": 0.0}, "value": {"mae": 1.0}})
+    with pytest.raises(ValueError, match="same tasks"):
         delta_m(mtl, {"parity": {"accuracy": 0.5}})
-    assert isinstance(Report({"a": {"x": 1.0}}), Report)
