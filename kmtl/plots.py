@@ -1,8 +1,18 @@
-"""Plots of multi-task training: per-task curves and task weights over time."""
+"""Plots of multi-task training: per-task curves, task weights, task relationships.
+
+`plot_history` and `plot_task_weights` draw per-task series over epochs;
+`plot_affinity` draws the `[T, T]` inter-task affinity of
+`kmtl.diagnostics.task_affinity`, and `plot_pairwise_over_time` the pairwise
+values that `GradientConflictMonitor` and `TaskAffinityMonitor` logged, epoch
+by epoch. Every function returns the `matplotlib.figure.Figure`.
+"""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
+
+import numpy as np
 
 
 def _history_dict(history) -> dict:
@@ -106,4 +116,174 @@ def plot_task_weights(history, tasks=None, figsize=(5, 3.5)):
     return fig
 
 
-__all__ = ["plot_history", "plot_task_weights"]
+def _diverging_colormap():
+    """Red (negative) to blue (positive) through white at 0; unmeasured cells grey."""
+    import matplotlib
+
+    return matplotlib.colormaps["RdBu"].with_extremes(bad="lightgrey")
+
+
+def _symmetric_limit(values) -> float:
+    """The colour limit of a diverging map centred at 0: the largest magnitude (1 if none)."""
+    finite = np.abs(values[np.isfinite(values)])
+    limit = float(finite.max()) if finite.size else 0.0
+    return limit if limit > 0 else 1.0
+
+
+def plot_affinity(affinity, tasks=None, ax=None, figsize=None):
+    """The inter-task affinity as a T x T heatmap: source task on rows, target on columns.
+
+    Cell (i, j) is Z_{i→j} of `kmtl.diagnostics.task_affinity`: positive
+    (blue) when a step for task i lowers task j's loss, negative (red) when
+    it raises it. The colour map is diverging and centred at 0; every value
+    is written in its cell; the diagonal (not measured) is grey.
+
+    Args:
+        affinity: the dict of `task_affinity` (`{(source, target): Z}`) or a
+            `[T, T]` array (e.g. from `kmtl.diagnostics.affinity_matrix`).
+        tasks: task order / names (default: the dict's order; for an array,
+            `"0"`, `"1"`, ...).
+        ax: a matplotlib `Axes` to draw on (default: a new figure).
+        figsize: size of the new figure (ignored with `ax`).
+
+    Returns:
+        A `matplotlib.figure.Figure`.
+
+    Raises:
+        ValueError: for an empty dict, unknown tasks or a non-square array
+            (see `kmtl.diagnostics.affinity_matrix`).
+
+    Example:
+
+    >>> affinity = kmtl.diagnostics.task_affinity(model, test.take(8))   # doctest: +SKIP
+    >>> kmtl.plots.plot_affinity(affinity).savefig("affinity.png")       # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    from kmtl import diagnostics
+
+    matrix, names = diagnostics.affinity_matrix(affinity, tasks)
+    size = len(names)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize or (2.5 + 1.1 * size, 1.8 + 0.9 * size))
+        own_figure = True
+    else:
+        fig, own_figure = ax.figure, False
+    limit = _symmetric_limit(matrix)
+    image = ax.imshow(np.ma.masked_invalid(matrix), cmap=_diverging_colormap(), vmin=-limit, vmax=limit)
+    for i, j in itertools.product(range(size), repeat=2):
+        value = matrix[i, j]
+        if np.isfinite(value):
+            color = "white" if abs(value) > 0.6 * limit else "black"
+            ax.text(j, i, f"{value:.3g}", ha="center", va="center", color=color, fontsize="small")
+    ax.set_xticks(range(size), names, rotation=45, ha="right")
+    ax.set_yticks(range(size), names)
+    ax.set_xlabel("target task (loss after the step)")
+    ax.set_ylabel("source task (step taken)")
+    ax.set_title("inter-task affinity")
+    fig.colorbar(image, ax=ax, label="affinity")
+    if own_figure:
+        fig.tight_layout()
+    return fig
+
+
+def _pairwise_keys(history, logs, kind, tasks):
+    """`[(log key, row label)]` of the pairwise series of `kind` in the history."""
+    from kmtl import diagnostics
+
+    if kind == "cos":
+        key, pairs, arrow, prefix = (
+            diagnostics.cosine_key,
+            itertools.combinations,
+            " · ",
+            diagnostics.COSINE_PREFIX,
+        )
+    else:
+        key, pairs, arrow, prefix = (
+            diagnostics.affinity_key,
+            itertools.permutations,
+            " → ",
+            diagnostics.AFFINITY_PREFIX,
+        )
+    if tasks is None:
+        objective = getattr(getattr(history, "model", None), "objective", None)
+        tasks = getattr(objective, "task_names", None)
+    if tasks is not None:
+        # Keys made from the task names, never parsed back out of the strings.
+        candidates = [(key(a, b), f"{a}{arrow}{b}") for a, b in pairs(list(tasks), 2)]
+        return [(k, label) for k, label in candidates if k in logs]
+    return [(k, k[len(prefix) :]) for k in logs if k.startswith(prefix)]
+
+
+def plot_pairwise_over_time(history, kind="cos", tasks=None, ax=None, figsize=None):
+    """Every logged task pair over time as a heatmap: one row per pair, one column per epoch.
+
+    Reads the gradient cosines (`kind="cos"`, keys `cos_<a>_<b>` of
+    `kmtl.diagnostics.GradientConflictMonitor`) or the lookahead affinities
+    (`kind="affinity"`, keys `affinity_<source>_<target>` of
+    `kmtl.diagnostics.TaskAffinityMonitor`). The colour map is diverging and
+    centred at 0 (cosines on [-1, 1]). The columns are epochs when every
+    epoch was measured, else the measurements in order (a monitor with
+    `every > 1` logs nothing on the epochs it skips).
+
+    Args:
+        history: a `keras.callbacks.History` or its `.history` dict.
+        kind: `"cos"` or `"affinity"`.
+        tasks: task names, to pick exactly their pairs (default for a
+            `History`: its model's trained tasks; for a dict: every key
+            with the kind's prefix, labelled by the rest of the key).
+        ax: a matplotlib `Axes` to draw on (default: a new figure).
+        figsize: size of the new figure (ignored with `ax`).
+
+    Returns:
+        A `matplotlib.figure.Figure`.
+
+    Raises:
+        ValueError: for an unknown `kind`, or a history without such keys.
+
+    Example:
+
+    >>> history = model.fit(train, epochs=5, callbacks=[kmtl.diagnostics.GradientConflictMonitor(val)])  # doctest: +SKIP
+    >>> kmtl.plots.plot_pairwise_over_time(history, kind="cos").savefig("cosines.png")          # doctest: +SKIP
+    """
+    import matplotlib.pyplot as plt
+
+    if kind not in ("cos", "affinity"):
+        raise ValueError(f"`kind` must be 'cos' or 'affinity'. Received: kind={kind!r}")
+    logs = _history_dict(history)
+    rows = _pairwise_keys(history, logs, kind, tasks)
+    if not rows:
+        example = "cos_<a>_<b>" if kind == "cos" else "affinity_<source>_<target>"
+        raise ValueError(f"The history has no {kind} keys ({example}). Received: keys {sorted(logs)}")
+    series = [np.asarray(logs[k], dtype="float64").ravel() for k, _ in rows]
+    length = max(len(s) for s in series)
+    matrix = np.full((len(rows), length), np.nan)
+    for row, values in zip(matrix, series):
+        row[: len(values)] = values
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize or (3.0 + 0.5 * length, 1.5 + 0.4 * len(rows)))
+        own_figure = True
+    else:
+        fig, own_figure = ax.figure, False
+    limit = 1.0 if kind == "cos" else _symmetric_limit(matrix)
+    image = ax.imshow(
+        np.ma.masked_invalid(matrix),
+        cmap=_diverging_colormap(),
+        vmin=-limit,
+        vmax=limit,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    epochs = len(logs.get("loss", ())) == length
+    ticks = range(0, length, max(1, length // 10))
+    ax.set_xticks(list(ticks), [str(t + 1) for t in ticks])
+    ax.set_xlabel("epoch" if epochs else "measurement")
+    ax.set_yticks(range(len(rows)), [label for _, label in rows])
+    ax.set_title("gradient cosines" if kind == "cos" else "inter-task affinity (source → target)")
+    fig.colorbar(image, ax=ax, label="cosine" if kind == "cos" else "affinity")
+    if own_figure:
+        fig.tight_layout()
+    return fig
+
+
+__all__ = ["plot_affinity", "plot_history", "plot_pairwise_over_time", "plot_task_weights"]
