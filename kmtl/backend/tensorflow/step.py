@@ -39,11 +39,13 @@ steps of the same `fit` change nothing either.
 
 from __future__ import annotations
 
+import weakref
+
 import keras
 import tensorflow as tf
 from keras import tree
 
-from kmtl.backend.tensorflow import distribute, gram
+from kmtl.backend.tensorflow import checks, distribute, gram
 from kmtl.weighting.base import combine_with, gram_matrix
 
 #: Codes of `objective.status[0]`: what made a step fail.
@@ -367,13 +369,29 @@ def _after_step(model, strategy, x, targets, weights, losses, accept):
     strategy.commit(new_state, accept)
 
 
+#: One traced probe per model (and per objective: a new `compile` traces again).
+_PROBES = weakref.WeakKeyDictionary()
+
+
 def shared_task_gradients(model, data):
     """`[T, P]`: each task's gradient of the shared variables on one batch (inference mode).
 
     The same per-task gradients as the parameters-mode step (representation
     gradients, then one vectorised backward pass of the encoder); no variable,
-    tracker or state changes.
+    tracker or state changes. Traced once per model and compile (batches of
+    other shapes share the trace where they can), so diagnostics that call it
+    every epoch do not build the vectorised backward pass again each time.
     """
+    objective, probe = _PROBES.get(model, (None, None))
+    if objective is not model.objective:
+        reference = weakref.ref(model)
+        probe = tf.function(lambda batch: _shared_task_gradients(reference(), batch), reduce_retracing=True)
+        _PROBES[model] = (model.objective, probe)
+    with checks.translate_errors(model):
+        return probe(data)
+
+
+def _shared_task_gradients(model, data):
     x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
     objective = model.objective
     targets, weights = objective.prepare(y, sample_weight)
