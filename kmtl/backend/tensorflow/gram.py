@@ -16,8 +16,10 @@ representation, `R_t = d L_t / d h` (one pass through task t's decoder).
   contribution and is discarded at once; only the gradients of `h_{s-1}` go
   on. The strategy then picks `alpha` from the Gram matrix, and one ordinary
   backward pass of the encoder with output gradient `sum_t alpha_t R_t`
-  applies the update. Peak extra memory: about `T x` the largest stage (its
-  variables and its input activations), instead of `T x P`. Under
+  applies the update. Peak extra memory: one stage's per-task variable
+  gradients, held twice while TensorFlow's vectorised matmul gradient
+  transposes them (about `2 x T x` the largest stage's variables, measured),
+  instead of `T x P`. Under
   `tf.distribute` each stage's per-task gradients are summed over replicas
   before their Gram contribution, so the result is exact.
 
