@@ -257,14 +257,18 @@ def test_missing_files_name_what_was_looked_for(tmp_path):
 
 @needs_data
 def test_multilenet_with_equal_weights_exceeds_90_percent_on_both_tasks():
-    """The issue's check: MultiLeNet, equal weights, a few epochs on `sener` MultiMNIST."""
+    """The issue's check: MultiLeNet, equal weights, a few epochs on `sener` MultiMNIST.
+
+    Half the training set, three epochs (measured: left 0.935, right 0.911 on
+    the full test set, about a minute); all of it took 3.5 minutes of the suite.
+    """
     import keras
 
     import kmtl
     from kmtl import heads
 
     keras.utils.set_random_seed(0)
-    train = mm.multi_mnist("train", recipe="sener", batch_size=128, cache_dir=False)
+    train = mm.multi_mnist("train[:30000]", recipe="sener", batch_size=128, cache_dir=False)
     test = mm.multi_mnist("test", recipe="sener", batch_size=1000, cache_dir=False)
     model = kmtl.build_model(
         input_shape=(28, 28, 1),
