@@ -4,7 +4,8 @@ The `kmtl` console script points here (`kmtl_cli:main`), not at the `kmtl`
 package: importing `kmtl` imports Keras and TensorFlow (it must, so that
 every serializable kmtl class is registered before a model is loaded), which
 takes seconds. This module uses the standard library only. It parses the
-command line, reads and checks `--config` files and the run's
+command line, reads and checks `--config` files (JSON, or YAML through
+PyYAML, imported only for a `.yaml`/`.yml` file) and the run's
 `config.json`, checks every plain value (numbers, ranges, types, choices,
 files) and reports usage errors with exit status 2 and `kmtl: error: ...`
 at once. Only a valid command imports `kmtl.cli` to run it.
@@ -46,6 +47,11 @@ TRAIN_DEFAULTS = {
     "train_limit": None,
     "verbose": "auto",
 }
+#: Keys a --config file (and `kmtl.experiment.load_config`) may use besides the options
+#: above: `seeds` (distinct seeds: several make the run a `kmtl.experiment`), `validation`
+#: (the split `fit` validates on; default: the test split) and `name` (= `run_name`).
+CONFIG_ONLY_DEFAULTS = {"seeds": None, "validation": None, "name": None}
+CONFIG_KEYS = tuple(TRAIN_DEFAULTS) + tuple(CONFIG_ONLY_DEFAULTS)
 DEFAULT_TASKS = {"digits": "digit,parity", "mnist": "digit,parity", "fashion_mnist": "item,group"}
 #: Option defaults of `kmtl evaluate` when the run has no `config.json`.
 EVALUATE_DEFAULTS = {
@@ -83,7 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a multi-task model and write saved_models/<run>/.",
         allow_abbrev=False,
     )
-    train.add_argument("--config", help="JSON file with any of the options below as keys (flags override it)")
+    train.add_argument(
+        "--config",
+        help="JSON or YAML (.yaml/.yml) file with any of the options below as keys, and seeds, "
+        "validation, name (flags override it)",
+    )
     train.add_argument("--dataset", choices=DATASETS, help="default: digits (embedded, offline)")
     train.add_argument("--tasks", help="comma-separated task names (default depends on the dataset)")
     train.add_argument("--epochs", help="positive integer (default: 10)")
@@ -93,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="loss_weights",
         help="task=weight pairs, weights finite and >= 0: digit=1,parity=0.5",
     )
-    train.add_argument("--weighting", help="a kmtl.weighting strategy name, e.g. pcgrad")
+    train.add_argument(
+        "--weighting", help="a kmtl.weighting strategy name, e.g. pcgrad (options: in a --config file)"
+    )
     train.add_argument("--architecture", help="e.g. hard_sharing, mmoe (default: hard_sharing)")
     train.add_argument("--trunk", help="lenet, conv or dense (default: conv)")
     train.add_argument("--optimizer", help="a Keras optimizer name (default: adam)")
@@ -102,7 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-name", dest="run_name", help="default: <dataset>-<date>-<time>")
     train.add_argument("--source", choices=SOURCES, help="where the data comes from (default: auto)")
     train.add_argument("--data-dir", dest="data_dir", help="default: $KMTL_DATA_DIR")
-    train.add_argument("--seed", help=f"integer in [0, {MAX_SEED}] (default: 0)")
+    seeds = train.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", help=f"integer in [0, {MAX_SEED}] (default: 0)")
+    seeds.add_argument(
+        "--seeds",
+        help="distinct comma-separated seeds, e.g. 0,1,2: train once per seed into <run>/seed-<s>/ and "
+        "write <run>/experiment.json with the mean and std (kmtl.experiment; cached by config hash)",
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="with several seeds: retrain even if <run>/experiment.json holds this config's results, "
+        "or overwrite an experiment of another config",
+    )
     train.add_argument(
         "--train-limit", dest="train_limit", help="use only the first N training examples (N >= 1)"
     )
@@ -168,10 +192,21 @@ def _positive_number(label, value, from_text):
         except ValueError:
             raise UsageError(f"{label} must be {what}. Received: {value!r}") from None
     elif not _is_number(value):
-        raise UsageError(f"{label} must be {what}. Received: {_describe(value)}")
+        hint = ""
+        if isinstance(value, str) and _parses_as_float(value):
+            hint = " (a quoted number? YAML reads 1e-3 as a string: write 1.0e-3)"
+        raise UsageError(f"{label} must be {what}{hint}. Received: {_describe(value)}")
     if not math.isfinite(value) or value <= 0:
         raise UsageError(f"{label} must be {what}. Received: {value!r}")
     return float(value)
+
+
+def _parses_as_float(text) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _string(label, value, optional=False):
@@ -266,8 +301,49 @@ def _verbose(label, value):
     return _choice(label, value, VERBOSITY + ("auto",))
 
 
+def _seeds(label, value, from_text):
+    """`0,1,2` (flag) or `[0, 1, 2]` (config) -> a non-empty list of distinct seeds."""
+    what = f"a non-empty list of distinct integers in [0, {MAX_SEED}]"
+    if from_text:
+        parts = [part.strip() for part in value.split(",")]
+        if not all(parts):
+            raise UsageError(f"{label} must be comma-separated seeds like 0,1,2. Received: {value!r}")
+        seeds = [_integer(label, part, True, 0, MAX_SEED, f"an integer in [0, {MAX_SEED}]") for part in parts]
+    elif isinstance(value, list) and value:
+        seeds = [_integer(label, seed, False, 0, MAX_SEED, what) for seed in value]
+    else:
+        raise UsageError(f"{label} must be {what}. Received: {_describe(value)}")
+    repeated = sorted({seed for seed in seeds if seeds.count(seed) > 1})
+    if repeated:
+        raise UsageError(f"{label}: seed(s) {repeated} appear more than once. Received: {value!r}")
+    return seeds
+
+
+def _weighting(label, value):
+    """None, a strategy name, or `{"name": strategy, option: value, ...}` (options checked by kmtl)."""
+    if not isinstance(value, dict):
+        return _string(label, value, optional=True)
+    if not isinstance(value.get("name"), str) or not value["name"].strip():
+        raise UsageError(
+            f'{label} must be a strategy name or an object {{"name": strategy, option: value, ...}} '
+            f"with a non-empty string name. Received: {value!r}"
+        )
+    bad = [key for key in value if not isinstance(key, str) or not key.isidentifier()]
+    if bad:
+        raise UsageError(f"{label}: option names must be identifiers. Received: {bad!r}")
+    return dict(value)
+
+
 def _check_train_value(key, value, label, from_text):
     """Checks one `kmtl train` option from a flag (text) or a config file (JSON value)."""
+    if key == "seeds":
+        return _seeds(label, value, from_text)
+    if key == "name":
+        return _run_name(label, value)
+    if key == "validation":
+        return _string(label, value, optional=True)
+    if key == "weighting":
+        return _weighting(label, value)
     if key in ("epochs", "batch_size"):
         return _integer(label, value, from_text, minimum=1, what="a positive integer")
     if key == "train_limit":
@@ -292,9 +368,31 @@ def _check_train_value(key, value, label, from_text):
         return _loss_weights(label, value)
     if key == "run_name":
         return _run_name(label, value)
-    if key in ("weighting", "trunk", "data_dir"):
+    if key in ("trunk", "data_dir"):
         return _string(label, value, optional=True)
     return _string(label, value)  # architecture, optimizer, out
+
+
+def check_train_value(key: str, value, label: str | None = None, from_text: bool = False):
+    """Checks one value of a `kmtl train` option or config key; returns it normalised.
+
+    The same checks as the flags and `--config` files get (types count:
+    `"3"` is not an integer unless `from_text`).
+
+    Args:
+        key: a key of `CONFIG_KEYS`.
+        value: the value (text when `from_text`).
+        label: how the message names the value; default `'"<key>"'`.
+        from_text: whether `value` is command-line text to convert.
+
+    Raises:
+        UsageError: naming `label`, what was expected and what was received.
+    """
+    if key not in CONFIG_KEYS:
+        raise UsageError(
+            f"Unknown option {key!r}; the allowed keys are {list(CONFIG_KEYS)}. Received: {key!r}"
+        )
+    return _check_train_value(key, value, label or f'"{key}"', from_text)
 
 
 # ---------------------------------------------------------------- files
@@ -322,10 +420,7 @@ def read_json_object(path, what) -> dict:
     try:
         value = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
     except json.JSONDecodeError as error:
-        hint = ""
-        if str(path).lower().endswith((".yaml", ".yml")):
-            hint = " (YAML is not supported: write the options as a JSON object)"
-        raise UsageError(f"{what} {path} is not valid JSON{hint}: {error}") from None
+        raise UsageError(f"{what} {path} is not valid JSON: {error}") from None
     except UsageError as error:
         raise UsageError(f"{what} {path}: {error}") from None
     if not isinstance(value, dict):
@@ -333,21 +428,123 @@ def read_json_object(path, what) -> dict:
     return value
 
 
-def train_options(args) -> dict:
-    """The checked options of `kmtl train`: defaults < --config file < flags."""
-    options = dict(TRAIN_DEFAULTS)
-    if args.config is not None:
-        config = read_json_object(args.config, "--config")
-        unknown = sorted(set(config) - set(TRAIN_DEFAULTS))
-        if unknown:
-            raise UsageError(f"Unknown option(s) {unknown} in {args.config}. Known: {sorted(TRAIN_DEFAULTS)}")
-        for key, value in config.items():
-            options[key] = _check_train_value(key, value, f'"{key}" in {args.config}', from_text=False)
-    for key in TRAIN_DEFAULTS:
-        value = getattr(args, key, None)
-        if value is not None:
-            flag = "--" + key.replace("_", "-")
-            options[key] = _check_train_value(key, value, flag, from_text=isinstance(value, str))
+def _yaml_mapping_without_duplicates(loader, node, deep=False):
+    # The mapping's own keys (not those merged in with `<<`, which it may override).
+    keys = [
+        loader.construct_object(key, deep=True)
+        for key, _ in node.value
+        if key.tag != "tag:yaml.org,2002:merge"
+    ]
+    duplicates = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise UsageError(f"key(s) {duplicates} appear more than once")
+    return loader.construct_mapping(node, deep=deep)
+
+
+def _read_yaml_object(path, what) -> dict:
+    try:
+        import yaml
+    except ImportError:
+        raise UsageError(f"Reading the YAML file {what} {path} needs PyYAML: pip install pyyaml") from None
+
+    class Loader(yaml.SafeLoader):  # yaml.safe_load, refusing a key given twice (as JSON files do)
+        pass
+
+    Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _yaml_mapping_without_duplicates)
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = yaml.load(f, Loader=Loader)
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"Cannot read {what} {path}: {error}") from None
+    except yaml.YAMLError as error:
+        raise UsageError(f"{what} {path} is not valid YAML: {error}") from None
+    except UsageError as error:
+        raise UsageError(f"{what} {path}: {error}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{what} {path} must hold a YAML mapping. Received: {type(value).__name__}")
+    return value
+
+
+def read_config_file(path, what="--config") -> dict:
+    """Reads a config file: YAML for a `.yaml`/`.yml` name, else JSON.
+
+    YAML is read as `yaml.safe_load` does (plain values only), except that
+    a key given twice is refused, as in JSON files.
+
+    Raises:
+        UsageError: naming the file, for a missing, unreadable or malformed
+            file, or one that does not hold a mapping.
+    """
+    if not str(path).lower().endswith((".yaml", ".yml")):
+        return read_json_object(path, what)
+    if not os.path.exists(path):
+        raise UsageError(f"{what} {path} does not exist")
+    if os.path.isdir(path):
+        raise UsageError(f"{what} {path} is a directory, not a YAML file")
+    return _read_yaml_object(path, what)
+
+
+def check_config(config: dict, source: str) -> dict:
+    """Checks the keys and values of a config mapping (a --config file's content).
+
+    Every value gets the check of its flag. `name` is another spelling of
+    `run_name` (the result holds `run_name`); `seed` and `seeds` together
+    must agree (`seeds == [seed]`).
+
+    Args:
+        config: the mapping.
+        source: how messages name it, e.g. the file's path.
+
+    Returns:
+        The checked values, keyed as in `CONFIG_KEYS` (without `name`).
+
+    Raises:
+        UsageError: for an unknown key (listing the allowed keys) or a bad value.
+    """
+    unknown = sorted((key for key in config if key not in CONFIG_KEYS), key=str)
+    if unknown:
+        raise UsageError(
+            f"Unknown option(s) {unknown} in {source}. Known: {sorted(CONFIG_KEYS)}. Received: keys "
+            f"{sorted(config, key=str)}"
+        )
+    checked = {
+        key: _check_train_value(key, value, f'"{key}" in {source}', from_text=False)
+        for key, value in config.items()
+    }
+    if "name" in checked:
+        name = checked.pop("name")
+        if name is not None:
+            if checked.get("run_name") not in (None, name):
+                raise UsageError(
+                    f'"name" and "run_name" in {source} are the same option and differ. '
+                    f"Received: name={name!r}, run_name={checked['run_name']!r}"
+                )
+            checked["run_name"] = name
+    if checked.get("seeds") is not None and "seed" in checked and checked["seeds"] != [checked["seed"]]:
+        raise UsageError(
+            f'Give either "seed" or "seeds" in {source}, not both. '
+            f"Received: seed={checked['seed']!r}, seeds={checked['seeds']!r}"
+        )
+    return checked
+
+
+def check_train_options(options: dict, flags: bool = True) -> dict:
+    """The checks across options, after they are merged; fills the default tasks.
+
+    Args:
+        options: merged options (all keys of `TRAIN_DEFAULTS`); changed in place.
+        flags: whether messages name the flags (`--loss-weights`) or the
+            config keys (`"loss_weights"`).
+
+    Returns:
+        `options`.
+
+    Raises:
+        UsageError: for loss weights of tasks that are not trained or all 0, or
+            an output path that is not a directory.
+    """
+    weights_label = "--loss-weights" if flags else '"loss_weights"'
+    out_label = "--out" if flags else '"out"'
     if not options["tasks"]:
         options["tasks"] = DEFAULT_TASKS[options["dataset"]].split(",")
     weights = options["loss_weights"]
@@ -355,14 +552,41 @@ def train_options(args) -> dict:
         unknown = [name for name in weights if name not in options["tasks"]]
         if unknown:
             raise UsageError(
-                f"--loss-weights names task(s) {unknown} that are not trained; the tasks are "
+                f"{weights_label} names task(s) {unknown} that are not trained; the tasks are "
                 f"{options['tasks']}. Received: loss_weights={weights!r}"
             )
         if len(weights) == len(options["tasks"]) and not any(weights.values()):
-            raise UsageError(f"--loss-weights are all 0: nothing would be trained. Received: {weights!r}")
+            raise UsageError(f"{weights_label} are all 0: nothing would be trained. Received: {weights!r}")
     if os.path.exists(options["out"]) and not os.path.isdir(options["out"]):
-        raise UsageError(f"--out {options['out']} exists and is not a directory")
+        raise UsageError(f"{out_label} {options['out']} exists and is not a directory")
     return options
+
+
+def train_options(args) -> dict:
+    """The checked options of `kmtl train`: defaults < --config file < flags.
+
+    Besides `TRAIN_DEFAULTS`'s keys the result has `seeds` (None or a list),
+    `validation` (None or a split), `force` and `experiment`: True when the
+    run is a `kmtl.experiment` (`--seeds`, or a config with several seeds).
+    """
+    options = dict(TRAIN_DEFAULTS, seeds=None, validation=None)
+    if args.config is not None:
+        options.update(check_config(read_config_file(args.config, "--config"), args.config))
+    for key in TRAIN_DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None:
+            flag = "--" + key.replace("_", "-")
+            options[key] = _check_train_value(key, value, flag, from_text=isinstance(value, str))
+    if args.seed is not None:
+        options["seeds"] = None  # the flag overrides the config's seeds
+    if args.seeds is not None:
+        options["seeds"] = _check_train_value("seeds", args.seeds, "--seeds", from_text=True)
+    seeds = options["seeds"]
+    options["experiment"] = args.seeds is not None or (seeds is not None and len(seeds) > 1)
+    if seeds is not None and not options["experiment"]:
+        options["seed"] = seeds[0]
+    options["force"] = bool(args.force)
+    return check_train_options(options)
 
 
 def run_config_path(model_path) -> str:

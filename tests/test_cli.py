@@ -195,7 +195,7 @@ def test_config_file_itself_is_checked(tmp_path, capsys):
         "list.json": ("[1, 2]", "must hold a JSON object. Received: list"),
         "broken.json": ('{"epochs": 1', "is not valid JSON"),
         "twice.json": ('{"epochs": 1, "epochs": 2}', "key(s) ['epochs'] appear more than once"),
-        "run.yaml": ("epochs: 1\n", "YAML is not supported"),
+        "run.yaml": ("epochs: [1\n", "is not valid YAML"),
     }
     for name, (text, message) in cases.items():
         (tmp_path / name).write_text(text)

@@ -1,0 +1,487 @@
+"""Experiments: one run described by a config, trained for several seeds, cached by its hash.
+
+A config holds the options of `kmtl train` (`kmtl_cli.TRAIN_DEFAULTS`) and
+three more keys: `seeds` (distinct seeds, default `[seed]`), `validation` (the
+split `fit` validates on, e.g. `"train[50000:]"`; default: the test split, as
+`kmtl train` does) and `name` (the run's directory name, also spelled
+`run_name`). `weighting` is a strategy name or a mapping
+`{"name": strategy, option: value, ...}` whose options go to
+`kmtl.weighting.get(name, **options)`.
+
+`run(config)` trains, for each seed, exactly what `kmtl train` trains
+(`kmtl.cli.train_run`) into `<out>/<run>/seed-<s>/`, and writes
+`<out>/<run>/experiment.json`: the normalised config, its hash, each seed's
+`kmtl.evaluate` report (as a dict), the mean and the population standard
+deviation (`ddof=0`: one seed gives 0) of every task's metrics over the seeds,
+and each seed's seconds per epoch. `<run>` is `name`, or
+`<dataset>-<hash>`. A second `run` of the same config reads that file instead
+of training; an interrupted one trains only the seeds that are missing.
+
+Example:
+
+>>> from kmtl import experiment
+>>> config = experiment.load_config({"dataset": "digits", "epochs": 1, "seeds": [0, 1]})
+>>> experiment.config_hash(config) == experiment.config_hash(dict(config, verbose=0))
+True
+>>> result = experiment.run(config, out="saved_models")  # doctest: +SKIP
+>>> print(result)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+import kmtl_cli
+from kmtl import architectures, cli, data, trunks, weighting
+
+#: Config keys that cannot change what is trained: left out of `config_hash`.
+HASH_EXCLUDED = ("out", "verbose", "name")
+#: The delta degrees of freedom of the standard deviation over seeds.
+STD_DDOF = 0
+#: The keys of a normalised config, in order.
+KEYS = tuple(k for k in kmtl_cli.TRAIN_DEFAULTS if k not in ("seed", "run_name")) + (
+    "seeds",
+    "validation",
+    "name",
+)
+_FORMAT = 1
+
+
+def _fail(error) -> ValueError:
+    return ValueError(str(error))
+
+
+def load_config(source: str | os.PathLike | Mapping) -> dict:
+    """Reads and checks an experiment config; returns it normalised, defaults filled.
+
+    Args:
+        source: a `.yaml`/`.yml` file (read as `yaml.safe_load` does), a JSON
+            file, or a mapping. Keys: those of `kmtl train`'s options
+            (`kmtl_cli.TRAIN_DEFAULTS`), `seeds`, `validation` and `name`.
+
+    Returns:
+        A dict with exactly the keys `KEYS`: `seeds` a list, `tasks` a list
+        (the dataset's default tasks when not given), `weighting` `None` or
+        `{"name": strategy, **options}`, `data_dir` absolute. Passing it to
+        `load_config` again returns an equal dict.
+
+    Raises:
+        ValueError: for an unreadable file, an unknown key (the message lists
+            the allowed keys) or a bad value (the message names the key and the
+            allowed values: datasets, the dataset's tasks, architectures,
+            strategies and their options, trunks, splits).
+    """
+    if isinstance(source, Mapping):
+        raw, where = dict(source), "the config"
+    elif isinstance(source, (str, os.PathLike)):
+        where = os.fspath(source)
+        try:
+            raw = kmtl_cli.read_config_file(where, "Config file")
+        except kmtl_cli.UsageError as error:
+            raise _fail(error) from None
+    else:
+        raise ValueError(
+            "An experiment config must be a path of a YAML or JSON file or a mapping. "
+            f"Received: {source!r} of type {type(source).__name__}"
+        )
+    options = dict(kmtl_cli.TRAIN_DEFAULTS, seeds=None, validation=None)
+    try:
+        options.update(kmtl_cli.check_config(raw, where))
+        kmtl_cli.check_train_options(options, flags=False)
+    except kmtl_cli.UsageError as error:
+        raise _fail(error) from None
+    seeds = options["seeds"] if options["seeds"] is not None else [options["seed"]]
+    config = {key: options[key] for key in KEYS if key in options}
+    config.update(seeds=list(seeds), name=options["run_name"])
+    if config["data_dir"] is not None:
+        config["data_dir"] = os.path.abspath(os.path.expanduser(config["data_dir"]))
+    _check_names(config, where)
+    return {key: config[key] for key in KEYS}
+
+
+def _check_names(config: dict, where: str) -> None:
+    """The checks that need kmtl's registries; normalises `weighting` in place."""
+    dataset, tasks = config["dataset"], config["tasks"]
+    available = data.available_tasks(dataset)
+    unknown = [task for task in tasks if task not in available]
+    repeated = sorted({task for task in tasks if tasks.count(task) > 1})
+    if unknown or repeated:
+        problem = f"unknown task(s) {unknown}" if unknown else f"task(s) {repeated} appear more than once"
+        raise ValueError(
+            f'"tasks" in {where}: {problem}; the tasks of dataset {dataset!r} are {available}. '
+            f"Received: tasks={tasks!r}"
+        )
+    if config["architecture"] not in architectures.names():
+        raise ValueError(
+            f'"architecture" in {where} must be one of {architectures.names()}. '
+            f"Received: architecture={config['architecture']!r}"
+        )
+    if config["trunk"] is not None:
+        try:
+            trunks.get(config["trunk"])
+        except ValueError as error:
+            raise ValueError(f'"trunk" in {where}: {error}') from None
+    if config["validation"] is not None:
+        try:
+            data.parse_split(config["validation"])
+        except ValueError as error:
+            raise ValueError(f'"validation" in {where}: {error}') from None
+    try:
+        _optimizer(config)
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f'"optimizer" in {where} must be a Keras optimizer name such as "adam", "sgd" or "adamw" '
+            f"({error}). Received: optimizer={config['optimizer']!r}"
+        ) from None
+    if config["weighting"] is not None:
+        spec = config["weighting"]
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        build_weighting(spec, f'"weighting" in {where}')
+        config["weighting"] = dict(spec, name=spec["name"].lower().replace("-", "_"))
+
+
+def _optimizer(config):
+    import keras
+
+    return keras.optimizers.get(
+        {"class_name": config["optimizer"], "config": {"learning_rate": config["learning_rate"]}}
+    )
+
+
+def build_weighting(spec: str | Mapping, label: str = '"weighting"') -> weighting.Weighting:
+    """Returns the strategy a config's `weighting` value names.
+
+    Args:
+        spec: a strategy name, or `{"name": strategy, option: value, ...}`.
+        label: how messages name the value.
+
+    Returns:
+        `kmtl.weighting.get(name, **options)`.
+
+    Raises:
+        ValueError: for an unknown strategy (listing `kmtl.weighting.names()`),
+            an option the strategy does not take (naming the option, the
+            strategy and its options) or a value its constructor refuses.
+    """
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    options = {key: value for key, value in spec.items() if key != "name"}
+    name = spec.get("name")
+    if not isinstance(name, str) or name.lower().replace("-", "_") not in weighting.names():
+        raise ValueError(
+            f"{label}: unknown strategy {name!r}; the strategies are {weighting.names()}. "
+            f"Received: weighting={dict(spec)!r}"
+        )
+    key = name.lower().replace("-", "_")
+    try:
+        return weighting.get(key, **options)
+    except (TypeError, ValueError) as error:
+        accepted = _strategy_options(key)
+        unknown = sorted(set(options) - set(accepted))
+        if unknown:
+            raise ValueError(
+                f"{label}: strategy {key!r} has no option(s) {unknown}; its options are {accepted}. "
+                f"Received: weighting={dict(spec)!r}"
+            ) from None
+        raise ValueError(f"{label}: strategy {key!r} refused its options: {error}") from None
+
+
+def _strategy_options(name: str) -> list[str]:
+    """The constructor arguments of a strategy class and its kmtl bases."""
+    from kmtl import registry
+
+    accepted = []
+    for cls in registry.lookup("weighting", name).__mro__:
+        if not (isinstance(cls, type) and issubclass(cls, weighting.Weighting)):
+            continue
+        for parameter in list(inspect.signature(cls.__init__).parameters.values())[1:]:
+            if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+                if parameter.name not in accepted:
+                    accepted.append(parameter.name)
+    return accepted
+
+
+def config_hash(config: str | os.PathLike | Mapping) -> str:
+    """A short, stable hash of what a config trains.
+
+    The first 16 hex digits of the SHA-256 of the canonical JSON (sorted keys,
+    no spaces) of `load_config(config)` without `HASH_EXCLUDED` (`out`,
+    `verbose`, `name`). Key order, defaults given or left out, `seed: 3`
+    versus `seeds: [3]` and `"pcgrad"` versus `{"name": "pcgrad"}` give the
+    same hash; any other value (an epoch, a strategy option, a seed) changes it.
+
+    Args:
+        config: what `load_config` accepts.
+
+    Returns:
+        16 lowercase hex digits.
+    """
+    return _hash(load_config(config))
+
+
+def _hash(normalised: dict) -> str:
+    kept = {key: value for key, value in normalised.items() if key not in HASH_EXCLUDED}
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """An experiment's results; `str(result)` is a per-task table of mean ± std.
+
+    Attributes:
+        config: the normalised config (`load_config`).
+        hash: `config_hash(config)`.
+        per_seed: `{seed: {task: {metric: value}}}`, each seed's
+            `kmtl.evaluate` report as a dict (with `"overall"`).
+        mean: `{task: {metric: mean over seeds}}`.
+        std: `{task: {metric: standard deviation over seeds}}`, `ddof=0`.
+        run_dir: `<out>/<run>/`, holding `experiment.json` and `seed-<s>/`.
+        seconds_per_epoch: `{seed: wall-clock seconds of an epoch}` (mean over
+            that seed's epochs, tracing and validation included).
+        from_cache: whether `run` read the results instead of training.
+    """
+
+    config: dict
+    hash: str
+    per_seed: dict
+    mean: dict
+    std: dict
+    run_dir: Path
+    seconds_per_epoch: dict
+    from_cache: bool
+
+    def __str__(self) -> str:
+        seeds = list(self.per_seed)
+        seconds = [s for s in self.seconds_per_epoch.values() if s == s]
+        timing = f", {sum(seconds) / len(seconds):.2f} s/epoch" if seconds else ""
+        lines = [
+            f"experiment {self.run_dir.name} (config {self.hash}): {len(seeds)} seed(s) {seeds}{timing}; "
+            f"mean ± std (ddof={STD_DDOF}) over seeds"
+        ]
+        tasks = [task for task in self.mean if task != "overall"]
+        metrics = []
+        for task in tasks:
+            metrics += [metric for metric in self.mean[task] if metric not in metrics]
+        rows = [["task"] + metrics]
+        for task in tasks:
+            rows.append([task] + [self._cell(task, metric) for metric in metrics])
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        table = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        table.insert(1, "  ".join("-" * w for w in widths))
+        lines += table
+        if "overall" in self.mean:
+            overall = ", ".join(f"{m}={self._cell('overall', m)}" for m in self.mean["overall"])
+            lines.append(f"overall: {overall}")
+        return "\n".join(lines)
+
+    def _cell(self, task: str, metric: str) -> str:
+        if metric not in self.mean[task]:
+            return "-"
+        return f"{self.mean[task][metric]:.4f} ± {self.std[task][metric]:.4f}"
+
+
+def summarize(per_seed: Mapping) -> tuple[dict, dict]:
+    """Mean and standard deviation (`ddof=0`) over seeds of every task's metrics.
+
+    Args:
+        per_seed: `{seed: {task: {metric: value}}}`; only the (task, metric)
+            pairs every seed has are summarised.
+
+    Returns:
+        `(mean, std)`, each `{task: {metric: float}}`.
+    """
+    reports = list(per_seed.values())
+    mean, std = {}, {}
+    for task, metrics in reports[0].items():
+        for metric in metrics:
+            if not all(metric in report.get(task, {}) for report in reports):
+                continue
+            values = np.asarray([report[task][metric] for report in reports], dtype=np.float64)
+            mean.setdefault(task, {})[metric] = float(np.mean(values))
+            std.setdefault(task, {})[metric] = float(np.std(values, ddof=STD_DDOF))
+    return mean, std
+
+
+def _seed_options(config: dict, seed: int, run_dir: Path) -> dict:
+    options = {key: config[key] for key in kmtl_cli.TRAIN_DEFAULTS if key in config}
+    options.update(seed=seed, out=str(run_dir), run_name=f"seed-{seed}", validation=config["validation"])
+    return options
+
+
+def _write_json_atomic(path: Path, value) -> None:
+    """Writes `value` to a temporary sibling, flushes it and moves it over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2, default=float)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _read_previous(path: Path, force: bool):
+    if not path.is_file():
+        return None
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        if force:
+            return None
+        raise ValueError(
+            f"{path} cannot be read ({error}); pass force=True (kmtl train --force) to retrain and "
+            f"overwrite it. Received: {path}"
+        ) from None
+    if not isinstance(previous, dict) or previous.get("kmtl_experiment") != _FORMAT:
+        if force:
+            return None
+        raise ValueError(
+            f"{path} is not a kmtl experiment record; pass force=True (kmtl train --force) to retrain "
+            f"and overwrite it. Received: {path}"
+        )
+    return previous
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if k not in HASH_EXCLUDED and old.get(k) != new.get(k))
+    return ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+
+
+def _result(record: dict, run_dir: Path, from_cache: bool) -> Result:
+    seeds = record["config"]["seeds"]
+    return Result(
+        config=record["config"],
+        hash=record["hash"],
+        per_seed={seed: record["per_seed"][str(seed)] for seed in seeds},
+        mean=record["mean"],
+        std=record["std"],
+        run_dir=run_dir,
+        seconds_per_epoch={seed: record["seconds_per_epoch"].get(str(seed), float("nan")) for seed in seeds},
+        from_cache=from_cache,
+    )
+
+
+def run(
+    config: str | os.PathLike | Mapping,
+    force: bool = False,
+    out: str | os.PathLike | None = None,
+    verbose: int | str | None = None,
+) -> Result:
+    """Trains a config once per seed, or returns its cached results.
+
+    For each seed, `kmtl.cli.train_run` trains and writes what `kmtl train`
+    does into `<out>/<run>/seed-<s>/`; after each seed, `<out>/<run>/experiment.json`
+    is rewritten atomically (a temporary file moved over it with `os.replace`)
+    with the normalised config, its hash, every finished seed's report dict and
+    seconds per epoch, and the mean and std (`ddof=0`) over the seeds.
+
+    If `experiment.json` already holds this config's hash and every seed's
+    metrics, nothing is trained: a line saying so is printed and the stored
+    results are returned (`from_cache=True`). With the same hash but seeds
+    missing (an interrupted run), only those seeds are trained.
+
+    Args:
+        config: what `load_config` accepts.
+        force: train every seed even if results are cached, and overwrite an
+            experiment of another config under the same run name.
+        out: the parent directory of the run; default: the config's `out`
+            (whose default is `"saved_models"`).
+        verbose: Keras `fit` verbosity (0, 1, 2 or `"auto"`); default: the
+            config's `verbose`. Neither `out` nor `verbose` changes the hash.
+
+    Returns:
+        A `Result`.
+
+    Raises:
+        ValueError: for a bad config (see `load_config`), or when
+            `<out>/<run>/` holds an experiment of another config, another kind
+            of run, or an unreadable `experiment.json`, unless `force`.
+    """
+    config = load_config(config)
+    try:
+        if out is not None:
+            config["out"] = kmtl_cli.check_train_value("out", os.fspath(out), "out")
+        if verbose is not None:
+            config["verbose"] = kmtl_cli.check_train_value("verbose", verbose, "verbose")
+    except kmtl_cli.UsageError as error:
+        raise _fail(error) from None
+    digest = _hash(config)
+    run_dir = Path(config["out"]) / (config["name"] or f"{config['dataset']}-{digest}")
+    path = run_dir / "experiment.json"
+    previous = _read_previous(path, force)
+    done = {}
+    if previous is not None and previous.get("hash") != digest:
+        if not force:
+            raise ValueError(
+                f"{run_dir} holds an experiment of another config (hash {previous.get('hash')}, this one "
+                f"{digest}; differences: {_differences(previous.get('config', {}), config)}). Choose another "
+                f"name, or pass force=True (kmtl train --force) to retrain and overwrite it. "
+                f"Received: name={run_dir.name!r}"
+            )
+    elif previous is not None and not force:
+        done = {int(s): m for s, m in previous.get("per_seed", {}).items() if int(s) in config["seeds"]}
+        if len(done) == len(config["seeds"]):
+            print(
+                f"kmtl: reusing the cached experiment {path} (config {digest}, seeds {config['seeds']}); "
+                f"pass force=True (kmtl train --force) to retrain"
+            )
+            return _result(dict(previous, config=config), run_dir, from_cache=True)
+        print(f"kmtl: resuming {path}: seeds {sorted(done)} are done, training the others")
+    elif previous is None and run_dir.is_dir() and any(run_dir.iterdir()) and not force:
+        raise ValueError(
+            f"{run_dir} exists and holds no experiment.json (another kind of run?); choose another name, "
+            f"or pass force=True (kmtl train --force) to train into it. Received: name={run_dir.name!r}"
+        )
+    seconds = {s: previous["seconds_per_epoch"].get(str(s), float("nan")) for s in done} if done else {}
+    record = {"kmtl_experiment": _FORMAT, "hash": digest, "config": config, "std_ddof": STD_DDOF}
+
+    def write(complete: bool) -> dict:
+        ordered = {s: done[s] for s in config["seeds"] if s in done}
+        mean, std = summarize(ordered) if ordered else ({}, {})
+        record.update(
+            complete=complete,
+            per_seed={str(s): m for s, m in ordered.items()},
+            seconds_per_epoch={str(s): seconds[s] for s in ordered},
+            mean=mean,
+            std=std,
+        )
+        _write_json_atomic(path, record)
+        return record
+
+    write(complete=False)
+    for seed in config["seeds"]:
+        if seed in done:
+            continue
+        trained = cli.train_run(_seed_options(config, seed, run_dir), run_dir / f"seed-{seed}")
+        done[seed] = trained.report.to_dict()
+        seconds[seed] = float(trained.seconds_per_epoch)
+        write(complete=False)
+    return _result(write(complete=True), run_dir, from_cache=False)
+
+
+__all__ = [
+    "HASH_EXCLUDED",
+    "KEYS",
+    "STD_DDOF",
+    "Result",
+    "build_weighting",
+    "config_hash",
+    "load_config",
+    "run",
+    "summarize",
+]
