@@ -9,7 +9,7 @@ split `fit` validates on, e.g. `"train[50000:]"`; default: the test split, as
 `kmtl.weighting.get(name, **options)`.
 
 `run(config)` trains, for each seed, exactly what `kmtl train` trains
-(`kmtl.cli.train_run`) into `<out>/<run>/seed-<s>/`, and writes
+(`train_run`) into `<out>/<run>/seed-<s>/`, and writes
 `<out>/<run>/experiment.json`: the normalised config, its hash, each seed's
 `kmtl.evaluate` report (as a dict), the mean and the population standard
 deviation (`ddof=0`: one seed gives 0) of every task's metrics over the seeds,
@@ -34,14 +34,16 @@ import hashlib
 import inspect
 import json
 import os
+import sys
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
 import kmtl_cli
-from kmtl import architectures, cli, data, trunks, weighting
+from kmtl import architectures, data, trunks, weighting
 
 #: Config keys that cannot change what is trained: left out of `config_hash`.
 HASH_EXCLUDED = ("out", "verbose", "name")
@@ -318,6 +320,161 @@ def _seed_options(config: dict, seed: int, run_dir: Path) -> dict:
     return options
 
 
+# --- one seed: what `kmtl train` trains and writes ------------------------------------
+def _build(options, data):
+    import keras
+
+    import kmtl
+    from kmtl import trunks
+
+    shape = data.input_shape(options["dataset"])
+    trunk = options["trunk"]
+    if trunk is None:
+        trunk = trunks.conv((16, 32), (64,)) if shape[0] <= 8 else trunks.conv((32, 64), (128,))
+    else:
+        trunk = trunks.get(trunk)
+    heads = data.task_heads(options["dataset"], options["tasks"])
+    model = kmtl.build_model(
+        heads=heads, trunk=trunk, input_shape=shape, architecture=options["architecture"]
+    )
+    optimizer = keras.optimizers.get(
+        {"class_name": options["optimizer"], "config": {"learning_rate": options["learning_rate"]}}
+    )
+    weighting = options["weighting"]
+    if isinstance(weighting, dict):  # {"name": strategy, option: value} from a config file
+        weighting = build_weighting(weighting)
+    model.compile(optimizer=optimizer, loss_weights=options["loss_weights"], weighting=weighting)
+    return model
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """What `train_run` trained and wrote.
+
+    Attributes:
+        run_dir: the directory it wrote.
+        report: the `kmtl.Report` of the model on the test split.
+        history: `model.fit`'s `history.history`.
+        seconds_per_epoch: wall-clock seconds of an epoch of `fit`, mean over
+            the epochs (the first one includes tracing; validation included).
+    """
+
+    run_dir: Path
+    report: object
+    history: dict
+    seconds_per_epoch: float
+
+
+def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
+    """Trains one run, one seed, as `kmtl train` does, and writes `run_dir`.
+
+    Trains on `options["dataset"]`'s training split (its first
+    `train_limit` examples), validates on `options.get("validation")` (default:
+    the test split), evaluates on the test split and writes `model.keras`,
+    `saved_model/`, `history.json`, `metrics.json`, `metrics.md`,
+    `curves.png` and `config.json` (the options, a valid `--config`).
+    `kmtl train` and `kmtl.experiment.run` (once per seed) both call it.
+
+    Args:
+        options: checked options with every key of `kmtl_cli.TRAIN_DEFAULTS`
+            (a single `seed`) and optionally `validation`.
+        run_dir: the directory to write.
+
+    Returns:
+        A `TrainedRun`.
+    """
+    import keras
+
+    import kmtl
+    from kmtl import data, export, plots
+
+    run_dir = Path(run_dir)
+    keras.utils.set_random_seed(options["seed"])
+    common = dict(source=options["source"], data_dir=options["data_dir"])
+    split = "train" if not options["train_limit"] else f"train[:{int(options['train_limit'])}]"
+    train = data.task_dataset(
+        options["dataset"],
+        options["tasks"],
+        split=split,
+        batch_size=options["batch_size"],
+        seed=options["seed"],
+        **common,
+    )
+    test = data.task_dataset(options["dataset"], options["tasks"], split="test", batch_size=512, **common)
+    validation = test
+    if options.get("validation") is not None:
+        validation = data.task_dataset(
+            options["dataset"], options["tasks"], split=options["validation"], batch_size=512, **common
+        )
+    model = _build(options, data)
+    print(
+        f"kmtl: training {options['architecture']} on {options['dataset']} tasks "
+        f"{options['tasks']} for {options['epochs']} epochs -> {run_dir}"
+    )
+    verbose = options["verbose"]
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    timer = _epoch_timer()
+    history = model.fit(
+        train, validation_data=validation, epochs=options["epochs"], verbose=verbose, callbacks=[timer]
+    )
+    report = kmtl.evaluate(model, test)
+    print(report)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    export.save_keras(model, run_dir / "model.keras")
+    export.saved_model(model, run_dir / "saved_model")
+    _write_json(run_dir / "history.json", history.history)
+    _write_json(run_dir / "metrics.json", report.to_dict())
+    _write_text(run_dir / "metrics.md", report.to_markdown() + "\n")
+    config = {key: options[key] for key in kmtl_cli.TRAIN_DEFAULTS}
+    config["validation"] = options.get("validation")
+    if config["data_dir"] is not None:  # so that `kmtl evaluate` finds the data from any directory
+        config["data_dir"] = os.path.abspath(os.path.expanduser(config["data_dir"]))
+    _write_json(run_dir / "config.json", config)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = plots.plot_history(history)
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    print(
+        f"kmtl: wrote {run_dir}/ (saved_model/, model.keras, history.json, metrics.json, metrics.md, curves.png)"
+    )
+    seconds = sum(timer.seconds) / len(timer.seconds) if timer.seconds else float("nan")
+    return TrainedRun(
+        run_dir=run_dir, report=report, history=dict(history.history), seconds_per_epoch=seconds
+    )
+
+
+def _epoch_timer():
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        """Records the wall-clock seconds of each epoch (validation included)."""
+
+        def __init__(self):
+            super().__init__()
+            self.seconds = []
+            self._start = None
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self._start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.seconds.append(time.perf_counter() - self._start)
+
+    return EpochTimer()
+
+
+def _write_json(path: Path, value) -> None:
+    _write_text(path, json.dumps(value, indent=2, default=float) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _write_json_atomic(path: Path, value) -> None:
     """Writes `value` to a temporary sibling, flushes it and moves it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -384,7 +541,7 @@ def run(
 ) -> Result:
     """Trains a config once per seed, or returns its cached results.
 
-    For each seed, `kmtl.cli.train_run` trains and writes what `kmtl train`
+    For each seed, `train_run` trains and writes what `kmtl train`
     does into `<out>/<run>/seed-<s>/`; after each seed, `<out>/<run>/experiment.json`
     is rewritten atomically (a temporary file moved over it with `os.replace`)
     with the normalised config, its hash, every finished seed's report dict and
@@ -467,7 +624,7 @@ def run(
     for seed in config["seeds"]:
         if seed in done:
             continue
-        trained = cli.train_run(_seed_options(config, seed, run_dir), run_dir / f"seed-{seed}")
+        trained = train_run(_seed_options(config, seed, run_dir), run_dir / f"seed-{seed}")
         done[seed] = trained.report.to_dict()
         seconds[seed] = float(trained.seconds_per_epoch)
         write(complete=False)

@@ -2,7 +2,7 @@
 
 Two seeds are trained for real, once, through the CLI (module fixture); the
 cache, force and resume logic is then also checked with a stand-in for
-`kmtl.cli.train_run` that trains nothing.
+`kmtl.experiment.train_run` that trains nothing.
 """
 
 import json
@@ -80,7 +80,7 @@ def test_cli_trains_each_seed_writes_experiment_json_and_then_reuses_it(trained,
 
     # A second call reuses the cache: it says so and trains nothing.
     capsys.readouterr()
-    monkeypatch.setattr(cli, "train_run", _raise)
+    monkeypatch.setattr(experiment, "train_run", _raise)
     assert cli.main(["train", "--config", str(path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "kmtl: reusing the cached experiment" in printed and "±" in printed
@@ -91,7 +91,7 @@ def test_second_run_returns_the_cache_without_training(trained, monkeypatch, cap
     models = sorted((out / "exp").glob("seed-*/model.keras"))
     assert len(models) == 2
     mtimes = [m.stat().st_mtime_ns for m in models]
-    monkeypatch.setattr(cli, "train_run", _raise)
+    monkeypatch.setattr(experiment, "train_run", _raise)
     result = experiment.run(path, out=out, verbose=2)  # verbose and out do not change the hash
     assert result.from_cache and result.run_dir == out / "exp"
     assert [m.stat().st_mtime_ns for m in models] == mtimes
@@ -106,7 +106,7 @@ def test_second_run_returns_the_cache_without_training(trained, monkeypatch, cap
 
 def test_another_config_under_the_same_name_is_an_error(trained, monkeypatch):
     path, out = trained
-    monkeypatch.setattr(cli, "train_run", _raise)
+    monkeypatch.setattr(experiment, "train_run", _raise)
     config = experiment.load_config(path)
     with pytest.raises(ValueError, match="another config") as info:
         experiment.run(dict(config, epochs=2), out=out)
@@ -114,7 +114,7 @@ def test_another_config_under_the_same_name_is_an_error(trained, monkeypatch):
 
 
 class FakeTraining:
-    """Stands in for `kmtl.cli.train_run`: writes a model.keras and reports seed-dependent metrics."""
+    """Stands in for `kmtl.experiment.train_run`: writes a model.keras and reports seed-dependent metrics."""
 
     def __init__(self, fail_on=None):
         self.calls = []
@@ -133,7 +133,7 @@ class FakeTraining:
             {"digit": {"accuracy": 0.5 + 0.1 * seed, "loss": 1.0 / (seed + 1)}, "parity": {"accuracy": 0.9}},
             {"loss": 2.0 + seed},
         )
-        return cli.TrainedRun(run_dir=run_dir, report=report, history={}, seconds_per_epoch=0.25 + seed)
+        return experiment.TrainedRun(run_dir=run_dir, report=report, history={}, seconds_per_epoch=0.25 + seed)
 
 
 SMALL = {"dataset": "digits", "epochs": 1, "train_limit": 300, "batch_size": 32, "name": "fake"}
@@ -141,7 +141,7 @@ SMALL = {"dataset": "digits", "epochs": 1, "train_limit": 300, "batch_size": 32,
 
 def test_force_retrains_and_overwrites(tmp_path, monkeypatch, capsys):
     fake = FakeTraining()
-    monkeypatch.setattr(cli, "train_run", fake)
+    monkeypatch.setattr(experiment, "train_run", fake)
     config = dict(SMALL, seeds=[0, 1, 2])
     first = experiment.run(config, out=tmp_path)
     assert not first.from_cache and fake.calls == [0, 1, 2]
@@ -167,7 +167,7 @@ def test_force_retrains_and_overwrites(tmp_path, monkeypatch, capsys):
 
 
 def test_one_seed_has_zero_std_and_runs_without_a_name_go_to_dataset_hash(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "train_run", FakeTraining())
+    monkeypatch.setattr(experiment, "train_run", FakeTraining())
     config = {key: value for key, value in SMALL.items() if key != "name"}
     result = experiment.run(dict(config, seed=1), out=tmp_path)
     assert result.run_dir == tmp_path / f"digits-{result.hash}" and list(result.per_seed) == [1]
@@ -180,7 +180,7 @@ def test_one_seed_has_zero_std_and_runs_without_a_name_go_to_dataset_hash(tmp_pa
 
 def test_an_interrupted_experiment_trains_only_the_missing_seeds(tmp_path, monkeypatch):
     fake = FakeTraining(fail_on=1)
-    monkeypatch.setattr(cli, "train_run", fake)
+    monkeypatch.setattr(experiment, "train_run", fake)
     config = dict(SMALL, seeds=[0, 1])
     with pytest.raises(KeyboardInterrupt):
         experiment.run(config, out=tmp_path)
@@ -191,7 +191,7 @@ def test_an_interrupted_experiment_trains_only_the_missing_seeds(tmp_path, monke
 
 
 def test_a_directory_of_another_kind_of_run_is_not_overwritten(tmp_path, monkeypatch):
-    monkeypatch.setattr(cli, "train_run", FakeTraining())
+    monkeypatch.setattr(experiment, "train_run", FakeTraining())
     (tmp_path / "fake").mkdir()
     (tmp_path / "fake" / "model.keras").write_bytes(b"a kmtl train run")
     with pytest.raises(ValueError, match="holds no experiment.json"):
@@ -325,7 +325,7 @@ def test_seeds_flags_are_checked(tmp_path, capsys, monkeypatch):
     _, options = kmtl_cli.parse(["train", "--config", str(tmp_path / "one.yaml"), "--seed", "5"])
     assert not options["experiment"] and options["seed"] == 5 and options["seeds"] is None
     # --seeds runs experiment.run with the flags' options.
-    monkeypatch.setattr(cli, "train_run", FakeTraining())
+    monkeypatch.setattr(experiment, "train_run", FakeTraining())
     assert (
         cli.main(["train", "--seeds", "0,1", "--run-name", "flags", "--out", str(tmp_path), "--epochs", "1"])
         == 0
