@@ -1,6 +1,5 @@
 """Tests of kmtl.data.mix: samplers, masks, routed inputs, errors."""
 
-import os
 
 import keras
 import numpy as np
@@ -143,8 +142,10 @@ def test_masked_loss_is_the_mean_over_the_tasks_own_examples():
 
 
 def test_real_mnist_and_fashion_streams_mix():
-    if not os.environ.get("KMTL_DATA_DIR"):
-        pytest.skip("needs the MNIST files under $KMTL_DATA_DIR")
+    import kmtl.data
+
+    if not (kmtl.data.available("mnist") and kmtl.data.available("fashion_mnist")):
+        pytest.skip("needs the MNIST and Fashion-MNIST files under $KMTL_DATA_DIR")
     from kmtl.data import fashion_tasks, mnist_tasks
 
     datasets = {

@@ -2,7 +2,6 @@
 
 import importlib.util
 import inspect
-import os
 
 import numpy as np
 import pytest
@@ -11,7 +10,8 @@ import kmtl.data
 from kmtl.data import recipes as mm
 
 needs_data = pytest.mark.skipif(
-    not os.environ.get("KMTL_DATA_DIR"), reason="needs the MNIST files under $KMTL_DATA_DIR"
+    not (kmtl.data.available("mnist") and kmtl.data.available("fashion_mnist")),
+    reason="needs the MNIST and Fashion-MNIST files under $KMTL_DATA_DIR",
 )
 
 SPLIT = "test[:600]"

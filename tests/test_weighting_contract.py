@@ -300,7 +300,7 @@ def _fresh_model(heads, name):
 
 
 @pytest.fixture(scope="module")
-def mnist():
+def mnist(mnist_dir):
     tasks = ["digit", "parity"]
     train = kmtl.data.mnist_tasks(tasks, split="train[:1024]", batch_size=128, seed=0)
     test = kmtl.data.mnist_tasks(tasks, split="test[:500]", batch_size=500)
