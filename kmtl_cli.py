@@ -406,26 +406,35 @@ def _reject_duplicate_keys(pairs):
     return dict(pairs)
 
 
-def read_json_object(path, what) -> dict:
-    """Reads a JSON object from `path`; every problem is a `UsageError` naming the file."""
+def _read_mapping(path, what, kind: str, container: str, parse, syntax_errors) -> dict:
+    """Reads `path` and parses it with `parse`; every problem is a `UsageError` naming the file."""
     if not os.path.exists(path):
         raise UsageError(f"{what} {path} does not exist")
     if os.path.isdir(path):
-        raise UsageError(f"{what} {path} is a directory, not a JSON file")
+        raise UsageError(f"{what} {path} is a directory, not a {kind} file")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"Cannot read {what} {path}: {error}") from None
     try:
-        value = json.loads(text, object_pairs_hook=_reject_duplicate_keys)
-    except json.JSONDecodeError as error:
-        raise UsageError(f"{what} {path} is not valid JSON: {error}") from None
+        value = parse(text)
+    except syntax_errors as error:
+        raise UsageError(f"{what} {path} is not valid {kind}: {error}") from None
     except UsageError as error:
         raise UsageError(f"{what} {path}: {error}") from None
     if not isinstance(value, dict):
-        raise UsageError(f"{what} {path} must hold a JSON object. Received: {type(value).__name__}")
+        raise UsageError(f"{what} {path} must hold a {kind} {container}. Received: {type(value).__name__}")
     return value
+
+
+def read_json_object(path, what) -> dict:
+    """Reads a JSON object from `path`; every problem is a `UsageError` naming the file."""
+
+    def parse(text):
+        return json.loads(text, object_pairs_hook=_reject_duplicate_keys)
+
+    return _read_mapping(path, what, "JSON", "object", parse, json.JSONDecodeError)
 
 
 def _yaml_mapping_without_duplicates(loader, node, deep=False):
@@ -451,18 +460,11 @@ def _read_yaml_object(path, what) -> dict:
         pass
 
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _yaml_mapping_without_duplicates)
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = yaml.load(f, Loader=Loader)
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"Cannot read {what} {path}: {error}") from None
-    except yaml.YAMLError as error:
-        raise UsageError(f"{what} {path} is not valid YAML: {error}") from None
-    except UsageError as error:
-        raise UsageError(f"{what} {path}: {error}") from None
-    if not isinstance(value, dict):
-        raise UsageError(f"{what} {path} must hold a YAML mapping. Received: {type(value).__name__}")
-    return value
+
+    def parse(text):
+        return yaml.load(text, Loader=Loader)
+
+    return _read_mapping(path, what, "YAML", "mapping", parse, yaml.YAMLError)
 
 
 def read_config_file(path, what="--config") -> dict:
@@ -475,13 +477,9 @@ def read_config_file(path, what="--config") -> dict:
         UsageError: naming the file, for a missing, unreadable or malformed
             file, or one that does not hold a mapping.
     """
-    if not str(path).lower().endswith((".yaml", ".yml")):
-        return read_json_object(path, what)
-    if not os.path.exists(path):
-        raise UsageError(f"{what} {path} does not exist")
-    if os.path.isdir(path):
-        raise UsageError(f"{what} {path} is a directory, not a YAML file")
-    return _read_yaml_object(path, what)
+    if str(path).lower().endswith((".yaml", ".yml")):
+        return _read_yaml_object(path, what)
+    return read_json_object(path, what)
 
 
 def check_config(config: dict, source: str) -> dict:
