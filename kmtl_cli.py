@@ -23,7 +23,7 @@ import os
 import sys
 
 PROG = "kmtl"
-DATASETS = ("digits", "mnist", "fashion_mnist")
+DATASETS = ("digits", "mnist", "fashion_mnist", "multimnist", "multifashion", "multi_fashion_mnist")
 SOURCES = ("auto", "local", "tfds")
 VERBOSITY = (0, 1, 2)
 
@@ -49,10 +49,27 @@ TRAIN_DEFAULTS = {
 }
 #: Keys a --config file (and `kmtl.experiment.load_config`) may use besides the options
 #: above: `seeds` (distinct seeds: several make the run a `kmtl.experiment`), `validation`
-#: (the split `fit` validates on; default: the test split) and `name` (= `run_name`).
-CONFIG_ONLY_DEFAULTS = {"seeds": None, "validation": None, "name": None}
+#: (the split `fit` validates on; default: the test split), `name` (= `run_name`),
+#: `train_split` (the split trained on, e.g. `"train[:90%]"`; default: `train`, or its
+#: first `train_limit` examples), `test_split` (the split of the final report; default:
+#: `test`) and `tensorboard` (write TensorBoard logs to `<run>/logs/`; also `--tensorboard`).
+CONFIG_ONLY_DEFAULTS = {
+    "seeds": None,
+    "validation": None,
+    "name": None,
+    "train_split": None,
+    "test_split": None,
+    "tensorboard": False,
+}
 CONFIG_KEYS = tuple(TRAIN_DEFAULTS) + tuple(CONFIG_ONLY_DEFAULTS)
-DEFAULT_TASKS = {"digits": "digit,parity", "mnist": "digit,parity", "fashion_mnist": "item,group"}
+DEFAULT_TASKS = {
+    "digits": "digit,parity",
+    "mnist": "digit,parity",
+    "fashion_mnist": "item,group",
+    "multimnist": "left,right",
+    "multifashion": "left,right",
+    "multi_fashion_mnist": "left,right",
+}
 #: Option defaults of `kmtl evaluate` when the run has no `config.json`.
 EVALUATE_DEFAULTS = {
     "dataset": "digits",
@@ -131,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--train-limit", dest="train_limit", help="use only the first N training examples (N >= 1)"
     )
     train.add_argument("--verbose", type=int, choices=VERBOSITY, help="Keras fit verbosity (default: auto)")
+    train.add_argument(
+        "--tensorboard",
+        action="store_true",
+        default=None,
+        help="write TensorBoard logs (per-task losses and metrics, task weights, gradient cosines) "
+        "to <run>/logs/",
+    )
 
     evaluate = sub.add_parser(
         "evaluate",
@@ -340,8 +364,12 @@ def _check_train_value(key, value, label, from_text):
         return _seeds(label, value, from_text)
     if key == "name":
         return _run_name(label, value)
-    if key == "validation":
+    if key in ("validation", "train_split", "test_split"):
         return _string(label, value, optional=True)
+    if key == "tensorboard":
+        if not isinstance(value, bool):
+            raise UsageError(f"{label} must be true or false. Received: {_describe(value)}")
+        return value
     if key == "weighting":
         return _weighting(label, value)
     if key in ("epochs", "batch_size"):
@@ -555,6 +583,17 @@ def check_train_options(options: dict, flags: bool = True) -> dict:
             )
         if len(weights) == len(options["tasks"]) and not any(weights.values()):
             raise UsageError(f"{weights_label} are all 0: nothing would be trained. Received: {weights!r}")
+    if options.get("train_split") is not None:
+        if options["train_limit"] is not None:
+            raise UsageError(
+                f"Give either train_limit or train_split, not both. Received: train_limit="
+                f"{options['train_limit']!r}, train_split={options['train_split']!r}"
+            )
+        if not options["train_split"].startswith("train"):
+            raise UsageError(
+                f'train_split must be a slice of the training split, e.g. "train[:90%]". '
+                f"Received: {options['train_split']!r}"
+            )
     if os.path.exists(options["out"]) and not os.path.isdir(options["out"]):
         raise UsageError(f"{out_label} {options['out']} exists and is not a directory")
     return options
@@ -564,10 +603,11 @@ def train_options(args) -> dict:
     """The checked options of `kmtl train`: defaults < --config file < flags.
 
     Besides `TRAIN_DEFAULTS`'s keys the result has `seeds` (None or a list),
-    `validation` (None or a split), `force` and `experiment`: True when the
+    `validation`, `train_split`, `test_split` (None or a split),
+    `tensorboard`, `force` and `experiment`: True when the
     run is a `kmtl.experiment` (`--seeds`, or a config with several seeds).
     """
-    options = dict(TRAIN_DEFAULTS, seeds=None, validation=None)
+    options = dict(TRAIN_DEFAULTS, **{k: v for k, v in CONFIG_ONLY_DEFAULTS.items() if k != "name"})
     if args.config is not None:
         options.update(check_config(read_config_file(args.config, "--config"), args.config))
     for key in TRAIN_DEFAULTS:
@@ -584,6 +624,8 @@ def train_options(args) -> dict:
     if seeds is not None and not options["experiment"]:
         options["seed"] = seeds[0]
     options["force"] = bool(args.force)
+    if args.tensorboard:
+        options["tensorboard"] = True
     return check_train_options(options)
 
 

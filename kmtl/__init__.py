@@ -20,6 +20,7 @@ Example:
 from kmtl import (
     architectures,
     backend,
+    baselines,
     callbacks,
     data,
     diagnostics,
@@ -52,6 +53,7 @@ __all__ = [
     "TrainingGuard",
     "architectures",
     "backend",
+    "baselines",
     "build_model",
     "callbacks",
     "compile_model",

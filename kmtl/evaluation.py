@@ -422,12 +422,20 @@ def delta_m(
     )
 
 
+# The two baselines of a comparison live in `kmtl.baselines` (they train through
+# `kmtl.experiment`); they are part of this module's API.
+from kmtl.baselines import Baselines, Sweep, single_task_baselines, static_weight_sweep  # noqa: E402
+
 __all__ = [
+    "Baselines",
     "Delta",
     "HIGHER_IS_BETTER",
     "LOWER_IS_BETTER",
     "Report",
+    "Sweep",
     "delta_m",
     "evaluate",
     "report_from_logs",
+    "single_task_baselines",
+    "static_weight_sweep",
 ]

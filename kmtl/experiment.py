@@ -46,14 +46,12 @@ import kmtl_cli
 from kmtl import architectures, data, trunks, weighting
 
 #: Config keys that cannot change what is trained: left out of `config_hash`.
-HASH_EXCLUDED = ("out", "verbose", "name")
+HASH_EXCLUDED = ("out", "verbose", "name", "tensorboard")
 #: The delta degrees of freedom of the standard deviation over seeds.
 STD_DDOF = 0
 #: The keys of a normalised config, in order.
-KEYS = tuple(k for k in kmtl_cli.TRAIN_DEFAULTS if k not in ("seed", "run_name")) + (
-    "seeds",
-    "validation",
-    "name",
+KEYS = tuple(k for k in kmtl_cli.TRAIN_DEFAULTS if k not in ("seed", "run_name")) + tuple(
+    kmtl_cli.CONFIG_ONLY_DEFAULTS
 )
 _FORMAT = 1
 
@@ -95,7 +93,9 @@ def load_config(source: str | os.PathLike | Mapping) -> dict:
             "An experiment config must be a path of a YAML or JSON file or a mapping. "
             f"Received: {source!r} of type {type(source).__name__}"
         )
-    options = dict(kmtl_cli.TRAIN_DEFAULTS, seeds=None, validation=None)
+    options = dict(
+        kmtl_cli.TRAIN_DEFAULTS, **{k: v for k, v in kmtl_cli.CONFIG_ONLY_DEFAULTS.items() if k != "name"}
+    )
     try:
         options.update(kmtl_cli.check_config(raw, where))
         kmtl_cli.check_train_options(options, flags=False)
@@ -132,11 +132,12 @@ def _check_names(config: dict, where: str) -> None:
             trunks.get(config["trunk"])
         except ValueError as error:
             raise ValueError(f'"trunk" in {where}: {error}') from None
-    if config["validation"] is not None:
-        try:
-            data.parse_split(config["validation"])
-        except ValueError as error:
-            raise ValueError(f'"validation" in {where}: {error}') from None
+    for key in ("validation", "train_split", "test_split"):
+        if config[key] is not None:
+            try:
+                data.parse_split(config[key])
+            except ValueError as error:
+                raise ValueError(f'"{key}" in {where}: {error}') from None
     try:
         _optimizer(config)
     except (TypeError, ValueError) as error:
@@ -316,7 +317,10 @@ def summarize(per_seed: Mapping) -> tuple[dict, dict]:
 
 def _seed_options(config: dict, seed: int, run_dir: Path) -> dict:
     options = {key: config[key] for key in kmtl_cli.TRAIN_DEFAULTS if key in config}
-    options.update(seed=seed, out=str(run_dir), run_name=f"seed-{seed}", validation=config["validation"])
+    options.update({key: config[key] for key in kmtl_cli.CONFIG_ONLY_DEFAULTS if key in config})
+    options.update(seed=seed, out=str(run_dir), run_name=f"seed-{seed}")
+    options.pop("name", None)
+    options.pop("seeds", None)
     return options
 
 
@@ -369,10 +373,13 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     """Trains one run, one seed, as `kmtl train` does, and writes `run_dir`.
 
     Trains on `options["dataset"]`'s training split (its first
-    `train_limit` examples), validates on `options.get("validation")` (default:
-    the test split), evaluates on the test split and writes `model.keras`,
+    `train_limit` examples, or `train_split`), validates on
+    `options.get("validation")` (default: the test split), evaluates on
+    `test_split` (default `"test"`), and writes `model.keras`,
     `saved_model/`, `history.json`, `metrics.json`, `metrics.md`,
-    `curves.png` and `config.json` (the options, a valid `--config`).
+    `curves.png`, `config.json` (the options, a valid `--config`) and, with
+    `tensorboard`, TensorBoard event files under `logs/` (per-task losses
+    and metrics, task weights and gradient cosines per epoch).
     `kmtl train` and `kmtl.experiment.run` (once per seed) both call it.
 
     Args:
@@ -392,6 +399,8 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     keras.utils.set_random_seed(options["seed"])
     common = dict(source=options["source"], data_dir=options["data_dir"])
     split = "train" if not options["train_limit"] else f"train[:{int(options['train_limit'])}]"
+    split = options.get("train_split") or split
+    test_split = options.get("test_split") or "test"
     train = data.task_dataset(
         options["dataset"],
         options["tasks"],
@@ -400,9 +409,9 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
         seed=options["seed"],
         **common,
     )
-    test = data.task_dataset(options["dataset"], options["tasks"], split="test", batch_size=512, **common)
+    test = data.task_dataset(options["dataset"], options["tasks"], split=test_split, batch_size=512, **common)
     validation = test
-    if options.get("validation") is not None:
+    if options.get("validation") is not None and options["validation"] != test_split:
         validation = data.task_dataset(
             options["dataset"], options["tasks"], split=options["validation"], batch_size=512, **common
         )
@@ -415,8 +424,11 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     timer = _epoch_timer()
+    callbacks = [timer]
+    if options.get("tensorboard"):
+        callbacks += _tensorboard_callbacks(model, validation, run_dir / "logs")
     history = model.fit(
-        train, validation_data=validation, epochs=options["epochs"], verbose=verbose, callbacks=[timer]
+        train, validation_data=validation, epochs=options["epochs"], verbose=verbose, callbacks=callbacks
     )
     report = kmtl.evaluate(model, test)
     print(report)
@@ -427,7 +439,8 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     _write_json(run_dir / "metrics.json", report.to_dict())
     _write_text(run_dir / "metrics.md", report.to_markdown() + "\n")
     config = {key: options[key] for key in kmtl_cli.TRAIN_DEFAULTS}
-    config["validation"] = options.get("validation")
+    for key in ("validation", "train_split", "test_split", "tensorboard"):
+        config[key] = options.get(key, kmtl_cli.CONFIG_ONLY_DEFAULTS[key])
     if config["data_dir"] is not None:  # so that `kmtl evaluate` finds the data from any directory
         config["data_dir"] = os.path.abspath(os.path.expanduser(config["data_dir"]))
     _write_json(run_dir / "config.json", config)
@@ -443,6 +456,30 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     return TrainedRun(
         run_dir=run_dir, report=report, history=dict(history.history), seconds_per_epoch=seconds
     )
+
+
+#: Validation batches the gradient-cosine monitor reads at the end of each epoch
+#: when TensorBoard logs are asked for.
+TENSORBOARD_COSINE_STEPS = 4
+
+
+def _tensorboard_callbacks(model, validation, log_dir: Path) -> list:
+    """A gradient-cosine monitor (with two or more tasks), then Keras's TensorBoard callback.
+
+    The monitor adds `cos_<a>_<b>` to each epoch's logs before TensorBoard
+    writes them, so the event files hold, per epoch, every task's loss and
+    metrics (train and validation), the task weights (`weight_<task>`) and the
+    pairwise gradient cosines.
+    """
+    import keras
+
+    from kmtl import diagnostics
+
+    callbacks = []
+    if len(model.task_names) > 1:
+        callbacks.append(diagnostics.GradientConflictMonitor(validation, steps=TENSORBOARD_COSINE_STEPS))
+    callbacks.append(keras.callbacks.TensorBoard(log_dir=str(log_dir), write_graph=False))
+    return callbacks
 
 
 def _epoch_timer():

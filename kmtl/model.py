@@ -317,6 +317,23 @@ class MultiTaskModel(keras.Model):
         if objective is not None:
             objective.weight_tracker.reset_state()
 
+    def get_metrics_result(self):
+        """Keras's metric results, every per-task metric keyed `<task>_<metric>`.
+
+        Keras drops the output name from the metrics of a one-output model
+        (`accuracy`, not `digit_accuracy`); kmtl's keys keep it, so a
+        single-task model logs like any other.
+        """
+        result = super().get_metrics_result()
+        if len(self.heads) != 1 or not self.compiled:
+            return result
+        task = self.heads[0].name
+        names = set(self.log_keys().metrics[task]) - {"loss", "weight"}
+        return {
+            (logs.key(task, name) if name in names and logs.key(task, name) not in result else name): value
+            for name, value in result.items()
+        }
+
     def log_keys(self) -> logs.LogKeys:
         """The per-task log keys of this compiled model (`kmtl.logs.LogKeys`)."""
         per_task = {h.name: [] for h in self.heads}

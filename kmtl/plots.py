@@ -4,7 +4,9 @@
 `plot_affinity` draws the `[T, T]` inter-task affinity of
 `kmtl.diagnostics.task_affinity`, and `plot_pairwise_over_time` the pairwise
 values that `GradientConflictMonitor` and `TaskAffinityMonitor` logged, epoch
-by epoch. Every function returns the `matplotlib.figure.Figure`.
+by epoch; `plot_tradeoff` draws the two-task trade-off plane (methods, the
+single-task point and the static-weight front). Every function returns the
+`matplotlib.figure.Figure`.
 """
 
 from __future__ import annotations
@@ -286,4 +288,150 @@ def plot_pairwise_over_time(history, kind="cos", tasks=None, ax=None, figsize=No
     return fig
 
 
-__all__ = ["plot_affinity", "plot_history", "plot_pairwise_over_time", "plot_task_weights"]
+
+
+def _point(row, tasks, metric, what):
+    try:
+        return float(row[tasks[0]][metric]), float(row[tasks[1]][metric])
+    except (KeyError, TypeError) as error:
+        raise ValueError(
+            f"{what} must map each of the tasks {list(tasks)} to a {metric!r} value. Received: {row!r} "
+            f"(missing {error})"
+        ) from None
+
+
+def plot_tradeoff(
+    methods: Mapping,
+    tasks=None,
+    metric: str = "accuracy",
+    spread: Mapping | None = None,
+    single_task: Mapping | None = None,
+    single_task_spread: Mapping | None = None,
+    sweep=None,
+    references: Mapping | None = None,
+    ax=None,
+    figsize=(6.0, 4.8),
+):
+    """The two-task trade-off plane: each method's point, the single-task point, the static front.
+
+    The picture of Sener & Koltun (2018, Fig. 3): task A's `metric` on the
+    x axis, task B's on the y axis. Each method is a point at its mean with
+    error bars of its spread over seeds; the single-task baselines are one
+    star at (A alone, B alone); the static-weight sweep's candidates are
+    small grey dots, its Pareto front a dashed line and its chosen (on
+    validation) candidate a ringed dot; published references are hollow
+    squares.
+
+    Args:
+        methods: `{name: {task: {metric: mean}}}`, e.g. each
+            `kmtl.experiment.Result.mean`.
+        tasks: the two tasks `(x task, y task)`; default: the first two of
+            the first method.
+        metric: the metric of both axes.
+        spread: `{name: {task: {metric: std}}}` for error bars (optional).
+        single_task: `{task: {metric: mean}}`, e.g. `Baselines.mean`.
+        single_task_spread: its standard deviations (optional).
+        sweep: a `kmtl.evaluation.Sweep` run with `test=True` (its test
+            scores are drawn; the choice was made on validation).
+        references: `{label: (x, y)}` published numbers drawn beside kmtl's.
+        ax: a matplotlib `Axes` to draw on (default: a new figure).
+        figsize: size of the new figure (ignored with `ax`).
+
+    Returns:
+        A `matplotlib.figure.Figure`.
+
+    Raises:
+        ValueError: for an empty `methods`, a method, baseline or spread
+            that lacks a task or the metric, or a sweep without test scores.
+
+    Example:
+
+    >>> fig = kmtl.plots.plot_tradeoff({"equal": {"left": {"accuracy": 0.95}, "right": {"accuracy": 0.93}}},
+    ...                                single_task={"left": {"accuracy": 0.96}, "right": {"accuracy": 0.94}})
+    """
+    import matplotlib.pyplot as plt
+
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError(
+            f"`methods` must be a non-empty mapping {{name: {{task: {{metric: value}}}}}}. Received: {methods!r}"
+        )
+    if tasks is None:
+        first = next(iter(methods.values()))
+        tasks = [t for t in first if t != "overall"][:2]
+    tasks = list(tasks)
+    if len(tasks) != 2:
+        raise ValueError(f"The trade-off plane needs exactly two tasks. Received: tasks={tasks!r}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=figsize)
+        own_figure = True
+    else:
+        fig, own_figure = ax.figure, False
+    if sweep is not None:
+        if sweep.test is None:
+            raise ValueError("`sweep` has no test scores: run the sweep with test=True.")
+        points = np.asarray([_point(row, tasks, metric, "each sweep candidate") for row in sweep.test])
+        front = sweep.front(metric=metric)
+        ax.scatter(points[:, 0], points[:, 1], s=18, color="0.6", zorder=2, label="static weights (sweep)")
+        ordered = points[sorted(front, key=lambda i: points[i, 0])]
+        ax.plot(ordered[:, 0], ordered[:, 1], "--", color="0.45", lw=1, zorder=2, label="static front")
+        chosen = points[sweep.chosen]
+        ax.scatter(
+            [chosen[0]],
+            [chosen[1]],
+            s=90,
+            facecolors="none",
+            edgecolors="0.2",
+            zorder=3,
+            label="static, chosen on validation",
+        )
+    colours = plt.get_cmap("tab10")
+    for index, (name, row) in enumerate(methods.items()):
+        x, y = _point(row, tasks, metric, f"method {name!r}")
+        err = None
+        if spread is not None and name in spread:
+            err = _point(spread[name], tasks, metric, f"the spread of {name!r}")
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=None if err is None else [err[0]],
+            yerr=None if err is None else [err[1]],
+            fmt="o",
+            ms=6,
+            capsize=2,
+            color=colours(index % 10),
+            zorder=4,
+            label=name,
+        )
+    if single_task is not None:
+        x, y = _point(single_task, tasks, metric, "`single_task`")
+        err = (
+            _point(single_task_spread, tasks, metric, "`single_task_spread`") if single_task_spread else None
+        )
+        ax.errorbar(
+            [x],
+            [y],
+            xerr=None if err is None else [err[0]],
+            yerr=None if err is None else [err[1]],
+            fmt="*",
+            ms=14,
+            capsize=2,
+            color="black",
+            zorder=5,
+            label="single-task",
+        )
+    for label, (x, y) in (references or {}).items():
+        ax.scatter([x], [y], marker="s", s=40, facecolors="none", edgecolors="tab:purple", zorder=3)
+        ax.annotate(
+            label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize="x-small", color="tab:purple"
+        )
+    ax.set_xlabel(f"{tasks[0]} {metric}")
+    ax.set_ylabel(f"{tasks[1]} {metric}")
+    ax.set_title("trade-off between the two tasks")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="x-small", loc="best")
+    if own_figure:
+        fig.tight_layout()
+    return fig
+
+
+__all__ = ["plot_affinity", "plot_history", "plot_pairwise_over_time", "plot_task_weights", "plot_tradeoff"]

@@ -26,6 +26,7 @@ from kmtl.data.mixing import mix
 from kmtl.data.recipes import multi_mnist, multi_mnist_arrays
 from kmtl.data.sources import DATASETS, SOURCES, available, clear_cache, data_dir, load_arrays, parse_split
 from kmtl.data.task_specs import (
+    COMPOSITE_DATASETS,
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_GROUP_OF_CLASS,
     FASHION_MNIST_GROUPS,
@@ -37,6 +38,7 @@ from kmtl.data.task_specs import (
 from kmtl.data.tasks import digits_tasks, emnist_tasks, fashion_tasks, mnist_tasks, task_dataset
 
 __all__ = [
+    "COMPOSITE_DATASETS",
     "DATASETS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_GROUPS",

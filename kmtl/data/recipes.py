@@ -426,6 +426,7 @@ def multi_mnist(
     source: str = "auto",
     data_dir: str | None = None,
     cache_dir: str | None = None,
+    shuffle_seed: int | None = None,
 ):
     """MultiMNIST / MultiFashion / Multi-(Fashion+MNIST) as a `tf.data` pipeline.
 
@@ -446,6 +447,8 @@ def multi_mnist(
         source: `"auto"`, `"local"` or `"tfds"` (see `kmtl.data.load_arrays`).
         data_dir: data root (default `$KMTL_DATA_DIR`).
         cache_dir: `.npz` cache directory (see `multi_mnist_arrays`).
+        shuffle_seed: seed of the order of examples; default `seed`. Give it
+            to keep the composites (drawn from `seed`) and vary the order.
 
     Returns:
         A `tf.data.Dataset`.
@@ -472,6 +475,12 @@ def multi_mnist(
         raise ValueError(
             f"`batch_size` must be a positive integer or None. Received: batch_size={batch_size!r}"
         )
+    if shuffle_seed is None:
+        shuffle_seed = seed
+    elif isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)) or shuffle_seed < 0:
+        raise ValueError(
+            f"`shuffle_seed` must be a non-negative integer or None. Received: shuffle_seed={shuffle_seed!r}"
+        )
     arrays = multi_mnist_arrays(split, recipe, base, seed, source, data_dir, cache_dir)
     import tensorflow as tf
 
@@ -495,12 +504,12 @@ def multi_mnist(
         # A fresh permutation per epoch: `Dataset.random` below draws a new
         # seed each time the dataset is iterated, deterministically from `seed`.
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(count, dtype=tf.int64), seed=tf.stack([epoch_seed, tf.constant(seed, tf.int64)])
+            tf.range(count, dtype=tf.int64), seed=tf.stack([epoch_seed, tf.constant(int(shuffle_seed), tf.int64)])
         )
         return tf.data.Dataset.from_tensor_slices(order)
 
     if shuffle:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+        seeds = tf.data.Dataset.random(seed=int(shuffle_seed), rerandomize_each_iteration=True).take(1)
         dataset = seeds.flat_map(epoch_order)
     else:
         dataset = tf.data.Dataset.range(count)

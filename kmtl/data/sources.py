@@ -295,7 +295,8 @@ def available(dataset: str, data_dir: str | os.PathLike | None = None, tfds_data
     """Whether `load_arrays(dataset, source="auto")` would find the data without downloading.
 
     True for `"digits"` (bundled), for local files present under the data
-    directory (both splits), or for a dataset tfds has already prepared.
+    directory (both splits), or for a dataset tfds has already prepared; a
+    composite dataset (`"multimnist"`, ...) when each of its bases is.
     Nothing is read or downloaded.
 
     Example:
@@ -303,6 +304,11 @@ def available(dataset: str, data_dir: str | os.PathLike | None = None, tfds_data
     >>> kmtl.data.available("digits")
     True
     """
+    from kmtl.data.task_specs import COMPOSITE_DATASETS
+
+    if dataset in COMPOSITE_DATASETS:
+        bases = {"mnist": ["mnist"], "fashion": ["fashion_mnist"], "fashion+mnist": ["fashion_mnist", "mnist"]}
+        return all(available(b, data_dir, tfds_data_dir) for b in bases[COMPOSITE_DATASETS[dataset]])
     _check_dataset(dataset)
     if dataset == "digits":
         return True

@@ -16,6 +16,13 @@ several heads at once:
 |                          | `case`      | Binary         | float32, 1 = lower case (masked where undefined) |
 | `emnist/letters`         | `char`      | Classification(26) | int32 letter, A = 0 (stored labels 1..26 minus 1) |
 | `emnist/digits`, `emnist/mnist` | `char`, `parity`, `large`, `value` | as for `mnist` |     |
+| `multimnist`, `multifashion`, `multi_fashion_mnist` | `left`, `right` | Classification(10) each | int64 class of the top-left / bottom-right object |
+
+The three composite datasets (`COMPOSITE_DATASETS`) are the Sener & Koltun
+(2018) recipe of `kmtl.data.multi_mnist` on MNIST, Fashion-MNIST and
+Fashion (left) + MNIST (right): 28x28 images normalised with the MNIST
+statistics, one composite per source image, the pairing drawn with seed 0
+for every split, so every run sees the same composites.
 
 Fashion-MNIST groups: `top` = {T-shirt/top, Pullover, Coat, Shirt},
 `bottom` = {Trouser}, `dress` = {Dress}, `footwear` = {Sandal, Sneaker,
@@ -40,6 +47,7 @@ from kmtl.data import emnist as _emnist
 from kmtl.data.sources import _check_dataset
 
 __all__ = [
+    "COMPOSITE_DATASETS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_GROUPS",
     "FASHION_MNIST_GROUP_OF_CLASS",
@@ -55,12 +63,15 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 FASHION_MNIST_GROUPS = ("top", "bottom", "dress", "footwear", "bag")
 FASHION_MNIST_GROUP_OF_CLASS = (0, 1, 0, 2, 0, 3, 0, 3, 4, 3)  # class index -> group index
+#: Two-object datasets of `task_dataset` and the `kmtl.data.multi_mnist` base each uses
+#: (Sener & Koltun's recipe): MultiMNIST, MultiFashion and Multi-(Fashion+MNIST).
+COMPOSITE_DATASETS = {"multimnist": "mnist", "multifashion": "fashion", "multi_fashion_mnist": "fashion+mnist"}
 
 
 class _Task(NamedTuple):
     kind: str  # "classification", "binary" or "regression"
     num_classes: int | None
-    derive: object  # labels (int64 [N]) -> (target [N], weight [N] or None)
+    derive: object  # labels (int64 [N]) -> (target [N], weight [N] or None); None: composite labels
 
 
 def _digit_tasks(name: str) -> dict[str, _Task]:
@@ -81,6 +92,8 @@ def _emnist_task(split_name: str, key: str, weighted: bool = False):
 
 
 def _tasks_of(dataset: str) -> dict[str, _Task]:
+    if dataset in COMPOSITE_DATASETS:
+        return {side: _Task("classification", 10, None) for side in ("left", "right")}
     _check_dataset(dataset)
     if dataset in ("mnist", "digits"):
         return _digit_tasks("digit")
@@ -115,6 +128,8 @@ def available_tasks(dataset: str) -> list[str]:
 
 def input_shape(dataset: str) -> tuple[int, int, int]:
     """Returns the image shape a pipeline yields: `(8, 8, 1)` for digits, else `(28, 28, 1)`."""
+    if dataset in COMPOSITE_DATASETS:
+        return (28, 28, 1)
     return (8, 8, 1) if _check_dataset(dataset) == "digits" else (28, 28, 1)
 
 
@@ -134,6 +149,10 @@ def class_names(dataset: str, task: str) -> list[str]:
         )
     if dataset == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES if task == "item" else FASHION_MNIST_GROUPS)
+    if dataset in COMPOSITE_DATASETS:
+        base = COMPOSITE_DATASETS[dataset]
+        fashion = base == "fashion" or (base == "fashion+mnist" and task == "left")
+        return list(FASHION_MNIST_CLASSES) if fashion else [str(digit) for digit in range(10)]
     if dataset.startswith("emnist/"):
         return _emnist.emnist_char_names(dataset.split("/", 1)[1])
     return [str(digit) for digit in range(10)]

@@ -20,7 +20,7 @@ import numpy as np
 
 from kmtl.data import emnist as _emnist
 from kmtl.data.sources import load_arrays, parse_split
-from kmtl.data.task_specs import _check_tasks
+from kmtl.data.task_specs import COMPOSITE_DATASETS, _check_tasks
 
 __all__ = ["digits_tasks", "emnist_tasks", "fashion_tasks", "mnist_tasks", "task_dataset"]
 
@@ -52,7 +52,10 @@ def task_dataset(
     """Builds a `tf.data.Dataset` of images and derived task labels.
 
     Args:
-        dataset: `"mnist"`, `"fashion_mnist"`, `"digits"` or `"emnist/<split_name>"`.
+        dataset: `"mnist"`, `"fashion_mnist"`, `"digits"`, `"emnist/<split_name>"`
+            or a composite dataset (`"multimnist"`, `"multifashion"`,
+            `"multi_fashion_mnist"`: `kmtl.data.multi_mnist` with the Sener
+            recipe, pairing seed 0, tasks `left` and `right`).
         tasks: task names (see `available_tasks`); the label dict keeps their order.
         split: `"train"` or `"test"`, optionally sliced (`"train[:5000]"`).
         batch_size: examples per batch, or `None` for unbatched examples
@@ -69,7 +72,8 @@ def task_dataset(
     Returns:
         A dataset of `(image, {task: label})`, or of `(image, {task: label},
         {task: weight})` when a task has undefined labels (EMNIST `case`).
-        Images are `float32 [H, W, 1]` in [0, 1] (batched: `[B, H, W, 1]`).
+        Images are `float32 [H, W, 1]` in [0, 1] (batched: `[B, H, W, 1]`);
+        composite images are normalised as the Sener recipe says.
 
     Raises:
         ValueError: for unknown datasets, tasks, splits or sources,
@@ -90,6 +94,8 @@ def task_dataset(
     base, _ = parse_split(split)
     if shuffle is None:
         shuffle = base == "train"
+    if dataset in COMPOSITE_DATASETS:
+        return _composite(dataset, list(specs), split, batch_size, source, data_dir, shuffle, seed, drop_remainder)
     images, labels = load_arrays(
         dataset, split, source=source, data_dir=data_dir, tfds_data_dir=tfds_data_dir
     )
@@ -124,6 +130,32 @@ def task_dataset(
     pipeline = pipeline.map(take, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     if batch_size is None:  # unbatch loses the cardinality; `kmtl.data.mix` needs it
         pipeline = pipeline.unbatch().apply(tf.data.experimental.assert_cardinality(num_examples))
+    return pipeline.prefetch(tf.data.AUTOTUNE)
+
+
+def _composite(dataset, tasks, split, batch_size, source, data_dir, shuffle, seed, drop_remainder):
+    """A composite dataset's pipeline: the same composites (pairing seed 0), `seed` orders them."""
+    import tensorflow as tf
+
+    from kmtl.data.recipes import multi_mnist
+
+    if shuffle and seed is None:
+        seed = int(np.random.default_rng().integers(2**31))
+    batched = batch_size is not None and not drop_remainder
+    pipeline = multi_mnist(
+        split,
+        recipe="sener",
+        base=COMPOSITE_DATASETS[dataset],
+        seed=0,
+        batch_size=batch_size if batched else None,
+        shuffle=shuffle,
+        source=source,
+        data_dir=data_dir,
+        shuffle_seed=seed if shuffle else None,
+    )
+    pipeline = pipeline.map(lambda image, labels: (image, {task: labels[task] for task in tasks}))
+    if batch_size is not None and drop_remainder:
+        pipeline = pipeline.batch(batch_size, drop_remainder=True)
     return pipeline.prefetch(tf.data.AUTOTUNE)
 
 
