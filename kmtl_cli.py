@@ -25,6 +25,7 @@ import sys
 PROG = "kmtl"
 DATASETS = ("digits", "mnist", "fashion_mnist", "multimnist", "multifashion", "multi_fashion_mnist")
 SOURCES = ("auto", "local", "tfds")
+BENCHMARK_DATASETS = ("multimnist", "multifashion", "multi_fashion_mnist")
 VERBOSITY = (0, 1, 2)
 
 #: Option defaults of `kmtl train` (also the keys a --config file may use).
@@ -98,7 +99,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `kmtl` (no option abbreviations: `--epoch` is not `--epochs`)."""
     parser = _Parser(prog=PROG, description="Multi-task learning for Keras 3.", allow_abbrev=False)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,export}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,export,benchmark}")
 
     train = sub.add_parser(
         "train",
@@ -181,6 +182,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("model", help="path of a .keras file")
     export.add_argument("out", help="path of the SavedModel")
+
+    bench = sub.add_parser(
+        "benchmark",
+        help="single-task, tuned static weights and the strategies on a MultiMNIST-style table",
+        description=(
+            "Train single-task baselines, a static-weight sweep (chosen on a validation split) and "
+            "the strategies on a two-object dataset with MultiLeNet, several seeds, and write "
+            "<out>/benchmark-<dataset>-<budget>/ (table.md, results.json, tradeoff.png). Every run is "
+            "cached: a repeated or interrupted benchmark trains only what is missing."
+        ),
+        allow_abbrev=False,
+    )
+    bench.add_argument("dataset", choices=BENCHMARK_DATASETS)
+    bench.add_argument(
+        "--quick", action="store_true", help="1 epoch x 1 seed (within 15 minutes on 2 CPU cores)"
+    )
+    bench.add_argument("--epochs", help="override the budget's epochs (full: 10)")
+    bench.add_argument("--seeds", help="override the budget's seeds, e.g. 0,1,2 (full: 0,1,2)")
+    bench.add_argument("--train-limit", dest="train_limit", help="train on the first N training images")
+    bench.add_argument(
+        "--strategies", help="comma-separated subset, e.g. equal,mgda_ub,pcgrad (default: all)"
+    )
+    bench.add_argument("--out", help="parent directory of the runs (default: saved_models)")
+    bench.add_argument("--source", choices=SOURCES, help="where the data comes from (default: auto)")
+    bench.add_argument("--data-dir", dest="data_dir", help="default: $KMTL_DATA_DIR")
+    bench.add_argument("--force", action="store_true", help="retrain every run even if cached")
+    bench.add_argument(
+        "--verbose", type=int, choices=VERBOSITY, help="Keras fit verbosity of each run (default: 0)"
+    )
     return parser
 
 
@@ -684,6 +714,39 @@ def export_options(args) -> dict:
     return {"model": _check_model_path("MODEL", args.model), "out": _string("OUT", args.out)}
 
 
+def benchmark_options(args) -> dict:
+    """The checked options of `kmtl benchmark` (the strategy names are checked by kmtl)."""
+    options = {
+        "dataset": args.dataset,
+        "quick": bool(args.quick),
+        "force": bool(args.force),
+        "source": args.source or "auto",
+        "data_dir": args.data_dir,
+        "verbose": 0 if args.verbose is None else args.verbose,
+        "out": args.out or "saved_models",
+        "epochs": None,
+        "seeds": None,
+        "train_limit": None,
+        "strategies": None,
+    }
+    if args.epochs is not None:
+        options["epochs"] = _integer("--epochs", args.epochs, True, minimum=1, what="a positive integer")
+    if args.train_limit is not None:
+        options["train_limit"] = _integer(
+            "--train-limit", args.train_limit, True, minimum=2, what="an integer >= 2 (a number of images)"
+        )
+    if args.seeds is not None:
+        options["seeds"] = _seeds("--seeds", args.seeds, True)
+    if args.strategies is not None:
+        names = [part.strip() for part in args.strategies.split(",")]
+        if not all(names):
+            raise UsageError(f"--strategies must be comma-separated names. Received: {args.strategies!r}")
+        options["strategies"] = names
+    if os.path.exists(options["out"]) and not os.path.isdir(options["out"]):
+        raise UsageError(f"--out {options['out']} exists and is not a directory")
+    return options
+
+
 def parse(argv=None) -> tuple[str, dict]:
     """Parses and checks `argv`; exits with status 2 and `kmtl: error: ...` if it is bad.
 
@@ -697,6 +760,8 @@ def parse(argv=None) -> tuple[str, dict]:
             return "train", train_options(args)
         if args.command == "evaluate":
             return "evaluate", evaluate_options(args)
+        if args.command == "benchmark":
+            return "benchmark", benchmark_options(args)
         return "export", export_options(args)
     except UsageError as error:
         parser.exit(2, f"{PROG}: error: {error}\n")

@@ -6,6 +6,7 @@
     kmtl train --config exp.yaml --seeds 0,1,2     # an experiment: one run per seed, mean ± std
     kmtl evaluate saved_models/<run>/model.keras     # the run's dataset and tasks
     kmtl export saved_models/<run>/model.keras saved_models/<run>/served
+    kmtl benchmark multimnist --quick   # single-task, tuned static weights, 9 strategies: table + plot
 
 A run writes `saved_models/<run-name>/`: `saved_model` (TF SavedModel),
 `model.keras`, `history.json`, `metrics.json`, `metrics.md`, `curves.png`
@@ -98,6 +99,13 @@ def _export(options) -> int:
     return 0
 
 
+def _benchmark(options) -> int:
+    from kmtl import benchmark
+
+    benchmark.run(**options)
+    return 0
+
+
 def _fail(status: int, message: str):
     sys.stderr.write(f"kmtl: {message}\n")
     raise SystemExit(status)
@@ -117,6 +125,8 @@ def run(command: str, options: dict) -> int:
             return _evaluate(options)
         if command == "export":
             return _export(options)
+        if command == "benchmark":
+            return _benchmark(options)
         raise UsageError(f"unknown command {command!r}")
     except (
         UsageError,

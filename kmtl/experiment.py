@@ -445,10 +445,12 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
         config["data_dir"] = os.path.abspath(os.path.expanduser(config["data_dir"]))
     _write_json(run_dir / "config.json", config)
     import matplotlib
+    import matplotlib.pyplot
 
     matplotlib.use("Agg")
     fig = plots.plot_history(history)
     fig.savefig(run_dir / "curves.png", dpi=100)
+    matplotlib.pyplot.close(fig)
     print(
         f"kmtl: wrote {run_dir}/ (saved_model/, model.keras, history.json, metrics.json, metrics.md, curves.png)"
     )

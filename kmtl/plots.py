@@ -288,8 +288,6 @@ def plot_pairwise_over_time(history, kind="cos", tasks=None, ax=None, figsize=No
     return fig
 
 
-
-
 def _point(row, tasks, metric, what):
     try:
         return float(row[tasks[0]][metric]), float(row[tasks[1]][metric])

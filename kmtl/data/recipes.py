@@ -477,7 +477,9 @@ def multi_mnist(
         )
     if shuffle_seed is None:
         shuffle_seed = seed
-    elif isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)) or shuffle_seed < 0:
+    elif (
+        isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)) or shuffle_seed < 0
+    ):
         raise ValueError(
             f"`shuffle_seed` must be a non-negative integer or None. Received: shuffle_seed={shuffle_seed!r}"
         )
@@ -504,7 +506,8 @@ def multi_mnist(
         # A fresh permutation per epoch: `Dataset.random` below draws a new
         # seed each time the dataset is iterated, deterministically from `seed`.
         order = tf.random.experimental.stateless_shuffle(
-            tf.range(count, dtype=tf.int64), seed=tf.stack([epoch_seed, tf.constant(int(shuffle_seed), tf.int64)])
+            tf.range(count, dtype=tf.int64),
+            seed=tf.stack([epoch_seed, tf.constant(int(shuffle_seed), tf.int64)]),
         )
         return tf.data.Dataset.from_tensor_slices(order)
 

@@ -307,7 +307,11 @@ def available(dataset: str, data_dir: str | os.PathLike | None = None, tfds_data
     from kmtl.data.task_specs import COMPOSITE_DATASETS
 
     if dataset in COMPOSITE_DATASETS:
-        bases = {"mnist": ["mnist"], "fashion": ["fashion_mnist"], "fashion+mnist": ["fashion_mnist", "mnist"]}
+        bases = {
+            "mnist": ["mnist"],
+            "fashion": ["fashion_mnist"],
+            "fashion+mnist": ["fashion_mnist", "mnist"],
+        }
         return all(available(b, data_dir, tfds_data_dir) for b in bases[COMPOSITE_DATASETS[dataset]])
     _check_dataset(dataset)
     if dataset == "digits":

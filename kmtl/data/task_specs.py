@@ -65,7 +65,11 @@ FASHION_MNIST_GROUPS = ("top", "bottom", "dress", "footwear", "bag")
 FASHION_MNIST_GROUP_OF_CLASS = (0, 1, 0, 2, 0, 3, 0, 3, 4, 3)  # class index -> group index
 #: Two-object datasets of `task_dataset` and the `kmtl.data.multi_mnist` base each uses
 #: (Sener & Koltun's recipe): MultiMNIST, MultiFashion and Multi-(Fashion+MNIST).
-COMPOSITE_DATASETS = {"multimnist": "mnist", "multifashion": "fashion", "multi_fashion_mnist": "fashion+mnist"}
+COMPOSITE_DATASETS = {
+    "multimnist": "mnist",
+    "multifashion": "fashion",
+    "multi_fashion_mnist": "fashion+mnist",
+}
 
 
 class _Task(NamedTuple):

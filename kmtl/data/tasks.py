@@ -95,7 +95,9 @@ def task_dataset(
     if shuffle is None:
         shuffle = base == "train"
     if dataset in COMPOSITE_DATASETS:
-        return _composite(dataset, list(specs), split, batch_size, source, data_dir, shuffle, seed, drop_remainder)
+        return _composite(
+            dataset, list(specs), split, batch_size, source, data_dir, shuffle, seed, drop_remainder
+        )
     images, labels = load_arrays(
         dataset, split, source=source, data_dir=data_dir, tfds_data_dir=tfds_data_dir
     )
