@@ -125,7 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--weighting", help="a kmtl.weighting strategy name, e.g. pcgrad (options: in a --config file)"
     )
     train.add_argument("--architecture", help="e.g. hard_sharing, mmoe (default: hard_sharing)")
-    train.add_argument("--trunk", help="lenet, conv or dense (default: conv)")
+    train.add_argument(
+        "--trunk",
+        help="lenet, conv or dense (default: conv; lenet for multimnist, multifashion, multi_fashion_mnist)",
+    )
     train.add_argument("--optimizer", help="a Keras optimizer name (default: adam)")
     train.add_argument("--learning-rate", dest="learning_rate", help="finite number > 0 (default: 0.001)")
     train.add_argument("--out", help="parent directory of the run (default: saved_models)")

@@ -333,7 +333,9 @@ def _build(options, data):
 
     shape = data.input_shape(options["dataset"])
     trunk = options["trunk"]
-    if trunk is None:
+    if trunk is None and options["dataset"] in data.COMPOSITE_DATASETS:
+        trunk = trunks.lenet()  # the MultiLeNet of Sener & Koltun's recipe
+    elif trunk is None:
         trunk = trunks.conv((16, 32), (64,)) if shape[0] <= 8 else trunks.conv((32, 64), (128,))
     else:
         trunk = trunks.get(trunk)

@@ -277,6 +277,11 @@ def test_yaml_and_json_files_load_alike(tmp_path):
         ({"optimizer": "nope"}, ['"optimizer"', "Keras optimizer name", "'nope'"]),
         ({"epochs": 0}, ['"epochs"', "positive integer", "Received: 0"]),
         ({"loss_weights": {"colour": 1}}, ["\"loss_weights\" names task(s) ['colour']"]),
+        ({"tensorboard": "yes"}, ['"tensorboard"', "true or false", "'yes' (str)"]),
+        ({"train_split": "train[:50]", "train_limit": 10}, ["either train_limit or train_split"]),
+        ({"train_split": "test[:50]"}, ["train_split must be a slice of the training split"]),
+        ({"test_split": "dev"}, ['"test_split"', "Unknown split", "'dev'"]),
+        ({"dataset": "multimnist", "tasks": ["digit"]}, ['"tasks"', "['left', 'right']"]),
     ],
 )
 def test_bad_configs_name_the_key_and_the_allowed_values(config, messages):

@@ -22,7 +22,8 @@ The three composite datasets (`COMPOSITE_DATASETS`) are the Sener & Koltun
 (2018) recipe of `kmtl.data.multi_mnist` on MNIST, Fashion-MNIST and
 Fashion (left) + MNIST (right): 28x28 images normalised with the MNIST
 statistics, one composite per source image, the pairing drawn with seed 0
-for every split, so every run sees the same composites.
+for every split, so every run sees the same composites. Their heads are
+MultiLeNet's (Dense 50 + ReLU, dropout 0.5, then the 10 classes).
 
 Fashion-MNIST groups: `top` = {T-shirt/top, Pullover, Coat, Shirt},
 `bottom` = {Trouser}, `dress` = {Dress}, `footwear` = {Sandal, Sneaker,
@@ -204,7 +205,12 @@ def task_heads(dataset: str, tasks: Sequence[str]) -> list:
     specs = _check_tasks(dataset, tasks)
     built = []
     for name, spec in specs.items():
-        if spec.kind == "classification":
+        if spec.kind == "classification" and dataset in COMPOSITE_DATASETS:
+            # MultiLeNet's task heads (Sener & Koltun): Dense 50 + ReLU, dropout 0.5, then the classes.
+            built.append(
+                heads.Classification(name, num_classes=spec.num_classes, hidden_units=(50,), dropout=0.5)
+            )
+        elif spec.kind == "classification":
             built.append(heads.Classification(name, num_classes=spec.num_classes))
         elif spec.kind == "binary":
             built.append(heads.Binary(name))
