@@ -308,7 +308,7 @@ def plot_tradeoff(
     sweep=None,
     references: Mapping | None = None,
     ax=None,
-    figsize=(6.0, 4.8),
+    figsize=(7.5, 4.8),
 ):
     """The two-task trade-off plane: each method's point, the single-task point, the static front.
 
@@ -318,7 +318,9 @@ def plot_tradeoff(
     star at (A alone, B alone); the static-weight sweep's candidates are
     small grey dots, its Pareto front a dashed line and its chosen (on
     validation) candidate a ringed dot; published references are hollow
-    squares.
+    squares in the colour of the method whose name ends their label (black
+    otherwise). The legend sits right
+    of the axes.
 
     Args:
         methods: `{name: {task: {metric: mean}}}`, e.g. each
@@ -417,16 +419,25 @@ def plot_tradeoff(
             zorder=5,
             label="single-task",
         )
+    method_colours = {name: colours(index % 10) for index, name in enumerate(methods)}
     for label, (x, y) in (references or {}).items():
-        ax.scatter([x], [y], marker="s", s=40, facecolors="none", edgecolors="tab:purple", zorder=3)
-        ax.annotate(
-            label, (x, y), textcoords="offset points", xytext=(4, 3), fontsize="x-small", color="tab:purple"
+        # A reference named after a method ("paper equal") takes that method's colour.
+        method = next((m for m in methods if label == m or label.endswith(" " + m)), None)
+        ax.scatter(
+            [x],
+            [y],
+            marker="s",
+            s=40,
+            facecolors="none",
+            zorder=3,
+            edgecolors=method_colours.get(method, "black"),
+            label=label,
         )
     ax.set_xlabel(f"{tasks[0]} {metric}")
     ax.set_ylabel(f"{tasks[1]} {metric}")
     ax.set_title("trade-off between the two tasks")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="x-small", loc="best")
+    ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.02, 0.5))
     if own_figure:
         fig.tight_layout()
     return fig

@@ -205,7 +205,7 @@ def test_tradeoff_plot_is_written_with_the_expected_size(trained, tmp_path):
     )
     path = tmp_path / "tradeoff.png"
     fig.savefig(path, dpi=100)
-    assert path.stat().st_size > 10_000 and _png_size(path) == (600, 480)
+    assert path.stat().st_size > 10_000 and _png_size(path) == (750, 480)
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert {"equal", "digit-heavy", "single-task", "static front", "static, chosen on validation"} <= set(
         labels

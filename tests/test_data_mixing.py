@@ -1,6 +1,5 @@
 """Tests of kmtl.data.mix: samplers, masks, routed inputs, errors."""
 
-
 import keras
 import numpy as np
 import pytest

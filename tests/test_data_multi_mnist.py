@@ -279,3 +279,36 @@ def test_multilenet_with_equal_weights_exceeds_90_percent_on_both_tasks():
     model.fit(train, epochs=3, verbose=0)
     result = model.evaluate(test, return_dict=True, verbose=0)
     assert result["left_accuracy"] > 0.90 and result["right_accuracy"] > 0.90, result
+
+
+@needs_data
+def test_composite_datasets_of_task_dataset_keep_their_composites_and_vary_only_the_order():
+    arrays = mm.multi_mnist_arrays("test[:300]", recipe="sener", base="fashion+mnist", seed=0)
+    ordered = kmtl.data.task_dataset(
+        "multi_fashion_mnist", ["right", "left"], split="test[:300]", batch_size=None
+    )
+    first = next(iter(ordered))[1]
+    assert list(first) == ["right", "left"]  # the requested order
+    pairs = [(int(y["left"]), int(y["right"])) for _, y in ordered]
+    assert pairs == list(zip(arrays.labels["left"].tolist(), arrays.labels["right"].tolist()))
+
+    def order(seed):
+        train = kmtl.data.task_dataset(
+            "multimnist", ["left", "right"], split="train[:300]", batch_size=64, seed=seed
+        )
+        return np.concatenate([x.numpy().reshape(len(x), -1).sum(axis=1) for x, _ in train])
+
+    one, other = order(1), order(2)
+    np.testing.assert_allclose(np.sort(one), np.sort(other), rtol=1e-6)  # the same composites...
+    assert not np.allclose(one, other)  # ... in another order
+    np.testing.assert_array_equal(one, order(1))
+    assert kmtl.data.input_shape("multifashion") == (28, 28, 1)
+    assert kmtl.data.class_names("multi_fashion_mnist", "left")[0] == "T-shirt/top"
+    assert kmtl.data.class_names("multi_fashion_mnist", "right")[0] == "0"
+    heads = kmtl.data.task_heads("multimnist", ["left", "right"])
+    assert [(h.name, h.hidden_units, h.dropout) for h in heads] == [
+        ("left", (50,), 0.5),
+        ("right", (50,), 0.5),
+    ]
+    with pytest.raises(ValueError, match=r"\['left', 'right'\]"):
+        kmtl.data.task_dataset("multimnist", ["digit"], split="test[:10]")

@@ -133,7 +133,9 @@ class FakeTraining:
             {"digit": {"accuracy": 0.5 + 0.1 * seed, "loss": 1.0 / (seed + 1)}, "parity": {"accuracy": 0.9}},
             {"loss": 2.0 + seed},
         )
-        return experiment.TrainedRun(run_dir=run_dir, report=report, history={}, seconds_per_epoch=0.25 + seed)
+        return experiment.TrainedRun(
+            run_dir=run_dir, report=report, history={}, seconds_per_epoch=0.25 + seed
+        )
 
 
 SMALL = {"dataset": "digits", "epochs": 1, "train_limit": 300, "batch_size": 32, "name": "fake"}

@@ -87,6 +87,16 @@ def test_fit_history_names_and_loss_weights():
     assert logs["loss"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_a_one_head_model_keeps_the_task_prefix_in_its_logs_and_report():
+    x, y = _data(tasks=("parity",))
+    model = _model(tasks=("parity",))
+    history = model.fit(x, y, epochs=1, batch_size=16, verbose=0, validation_data=(x, y))
+    assert {"parity_accuracy", "parity_auc", "val_parity_auc", "parity_loss", "loss"} <= set(history.history)
+    assert not {"accuracy", "auc", "val_accuracy"} & set(history.history)
+    report = kmtl.evaluate(model, tf.data.Dataset.from_tensor_slices((x, y)).batch(32))
+    assert set(report["parity"]) == {"loss", "accuracy", "auc"}
+
+
 def test_training_loss_decreases_on_learnable_data():
     x, y = _data(256)
     model = _model(optimizer=keras.optimizers.Adam(1e-2))
