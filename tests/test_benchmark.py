@@ -28,7 +28,7 @@ def _run(*args, timeout=900):
 
 @needs_data
 def test_benchmark_writes_its_table_results_and_plot_and_then_reuses_every_run(tmp_path):
-    args = ["benchmark", "multimnist", "--train-limit", "400", "--epochs", "1", "--seeds", "0"]
+    args = ["benchmark", "multimnist", "--quick", "--train-limit", "400", "--seeds", "0"]
     args += ["--strategies", "equal,mgda_ub", "--out", str(tmp_path)]
     first = _run(*args)
     assert first.returncode == 0, first.stderr[-3000:]
