@@ -370,6 +370,10 @@ class Sweep:
             validated on.
         results: `[kmtl.experiment.Result]` of each candidate.
         seconds_per_epoch: mean seconds per epoch of each candidate.
+        refit: the `kmtl.experiment.Result` of the chosen weights retrained
+            on all the training examples (validation split included), every
+            seed, reported on the test split; None with `refit=False` or
+            `test=False`. The tuned static baseline to compare with.
     """
 
     tasks: list
@@ -384,6 +388,7 @@ class Sweep:
     splits: dict
     results: list
     seconds_per_epoch: list
+    refit: object = None
 
     @property
     def chosen_weights(self) -> dict:
@@ -474,6 +479,7 @@ def static_weight_sweep(
     validation: float = VALIDATION_FRACTION,
     selection: str = "delta_m",
     test: bool = True,
+    refit: bool = True,
     seed: int = 0,
     force: bool = False,
     out: str | os.PathLike | None = None,
@@ -518,6 +524,10 @@ def static_weight_sweep(
         validation: the fraction of the training examples held out, in (0, 1).
         selection: `"delta_m"` or `"mean_rank"`.
         test: evaluate every candidate on the test split after the choice.
+        refit: with `test`, retrain the chosen weights on all the training
+            examples (as the experiment `<name>-static-refit`, validating on
+            the held-out split) and report it on the test split: the row to
+            compare with the strategies, which also train on all of them.
         seed: seed of the random candidates.
         force: retrain even if cached.
         out: parent directory of the runs (default: the config's `out`).
@@ -566,6 +576,21 @@ def static_weight_sweep(
             mean, std = _test_scores(result, config, fresh=force or not result.from_cache)
             test_mean.append(mean)
             test_std.append(std)
+    refitted = None
+    if test and refit:
+        _clear_session()
+        refitted = experiment.run(
+            dict(
+                config,
+                loss_weights=dict(vectors[chosen]),
+                weighting=None,
+                validation=validation_split,
+                name=f"{base}-static-refit",
+            ),
+            force=force,
+            out=out,
+            verbose=verbose,
+        )
     return Sweep(
         tasks=tasks,
         weights=vectors,
@@ -579,7 +604,15 @@ def static_weight_sweep(
         splits={"train": train_split, "validation": validation_split},
         results=results,
         seconds_per_epoch=[_mean_seconds(result) for result in results],
+        refit=refitted,
     )
+
+
+def _clear_session() -> None:
+    """Frees the graphs of finished runs between runs (their models are saved)."""
+    import keras
+
+    keras.backend.clear_session()
 
 
 def _test_scores(result, config: dict, fresh: bool) -> tuple[dict, dict]:

@@ -294,10 +294,10 @@ def run(
         },
         _row(
             "static (tuned)",
-            sweep.chosen_test,
-            sweep.test_std[sweep.chosen],
+            sweep.refit.mean,
+            sweep.refit.std,
             single,
-            sweep.seconds_per_epoch[sweep.chosen],
+            baselines._mean_seconds(sweep.refit),
             weights=sweep.chosen_weights,
         ),
     ]
@@ -318,10 +318,11 @@ def run(
     import matplotlib
 
     matplotlib.use("Agg")
+    drawn = {"static (tuned)": sweep.refit, **results}
     fig = plots.plot_tradeoff(
-        {m: r.mean for m, r in results.items()},
+        {m: r.mean for m, r in drawn.items()},
         tasks=["left", "right"],
-        spread={m: r.std for m, r in results.items()},
+        spread={m: r.std for m, r in drawn.items()},
         single_task=single.mean,
         single_task_spread=single.std,
         sweep=sweep,
@@ -336,7 +337,7 @@ def run(
 
     plt.close(fig)
     wall = time.perf_counter() - start
-    runs = list(single.results.values()) + list(sweep.results) + list(results.values())
+    runs = list(single.results.values()) + list(sweep.results) + [sweep.refit] + list(results.values())
     training = sum(
         seconds * budget["epochs"]
         for result in runs
@@ -356,6 +357,7 @@ def run(
             "scores": sweep.scores,
             "chosen": sweep.chosen,
             "splits": sweep.splits,
+            "refit": {"mean": sweep.refit.mean, "std": sweep.refit.std},
         },
         "wall_seconds_this_call": wall,
         "training_seconds": training,

@@ -110,8 +110,16 @@ def test_the_sweep_never_reads_the_test_split_to_train_or_choose(trained):
     assert trained["sweep_splits"], "the recorder saw no split"
     assert not [s for s in trained["sweep_splits"] if s.startswith("test")], trained["sweep_splits"]
     assert set(trained["sweep_splits"]) == {"train[:360]", "train[360:400]"}
-    # With test=True (all cached), the only new reads are the test split, after the choice.
-    assert trained["test_splits"] and set(trained["test_splits"]) == {"test"}
+    # With test=True the candidates are cached: the new reads are the test split (after the
+    # choice) and the refit of the chosen weights on all 400 training examples.
+    assert set(trained["test_splits"]) == {"test", "train[:400]", "train[360:400]"}
+    refit = trained["tested"].refit
+    assert refit.run_dir.name == "base-static-refit" and refit.config["train_split"] is None
+    assert (
+        refit.config["loss_weights"] == trained["tested"].chosen_weights
+        and refit.config["train_limit"] == 400
+    )
+    assert trained["sweep"].refit is None
     assert trained["tested"].chosen == trained["sweep"].chosen
     assert trained["tested"].scores == trained["sweep"].scores
 
@@ -144,7 +152,7 @@ def test_repeated_baselines_and_sweeps_train_nothing(trained, monkeypatch, capsy
     assert all(r.from_cache for r in again.results.values()) and all(r.from_cache for r in sweep.results)
     assert again.mean == trained["single"].mean and sweep.test == trained["tested"].test
     printed = capsys.readouterr().out
-    assert printed.count("reusing the cached experiment") == 5
+    assert printed.count("reusing the cached experiment") == 6  # 2 single-task, 3 candidates, the refit
     assert "kmtl: static-weight sweep [3/3]" in printed and "about" in printed
 
 

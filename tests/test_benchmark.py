@@ -58,7 +58,7 @@ def test_benchmark_writes_its_table_results_and_plot_and_then_reuses_every_run(t
 
     again = _run(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert again.stdout.count("reusing the cached experiment") == 2 + 3 + 2
+    assert again.stdout.count("reusing the cached experiment") == 2 + 3 + 1 + 2  # + the refit
     assert "kmtl: training" not in again.stdout
     assert json.loads((directory / "results.json").read_text())["rows"] == results["rows"]
 
