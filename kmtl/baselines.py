@@ -32,13 +32,12 @@ import itertools
 import json
 import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from kmtl import experiment
+from kmtl import delta, experiment
 
 __all__ = [
     "Baselines",
@@ -56,23 +55,6 @@ GRID_RESOLUTION = 6
 #: Default fraction of the training examples held out for validation.
 VALIDATION_FRACTION = 0.1
 _SELECTIONS = ("delta_m", "mean_rank")
-
-
-class _Progress:
-    """`kmtl: <what> [k/n] <label> (elapsed, ETA)` lines around long loops."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total, self.start, self.done = what, total, time.perf_counter(), 0
-
-    def begin(self, label: str) -> None:
-        elapsed = time.perf_counter() - self.start
-        eta = ""
-        if self.done:
-            eta = f", about {elapsed / self.done * (self.total - self.done):.0f} s left"
-        print(f"kmtl: {self.what} [{self.done + 1}/{self.total}] {label} ({elapsed:.0f} s{eta})", flush=True)
-
-    def end(self) -> None:
-        self.done += 1
 
 
 def _base_name(config: dict) -> str:
@@ -143,7 +125,7 @@ def single_task_baselines(
     config = experiment.load_config(config)
     base = _base_name(config)
     tasks = list(config["tasks"])
-    progress = _Progress("single-task", len(tasks))
+    progress = experiment.Progress("single-task", len(tasks))
     results, mean, std, seconds = {}, {}, {}, {}
     for task in tasks:
         progress.begin(task)
@@ -160,13 +142,8 @@ def single_task_baselines(
         results[task] = result
         mean[task] = dict(result.mean[task])
         std[task] = dict(result.std[task])
-        seconds[task] = _mean_seconds(result)
+        seconds[task] = result.mean_seconds_per_epoch
     return Baselines(results=results, mean=mean, std=std, seconds_per_epoch=seconds)
-
-
-def _mean_seconds(result) -> float:
-    values = [s for s in result.seconds_per_epoch.values() if s == s]
-    return float(np.mean(values)) if values else float("nan")
 
 
 # --------------------------------------------------------------------- the weight grid
@@ -441,16 +418,14 @@ def _compared(row: dict, tasks: list[str]) -> list[tuple[str, str]]:
 
 def _scores(rows: list[dict], tasks: list[str], selection: str) -> list[float]:
     """Lower is better. delta_m: Δm (%) against the best candidate of each metric; mean_rank: mean rank."""
-    from kmtl import evaluation
-
     pairs = _compared(rows[0], tasks)
     directions = {}
     for task, metric in pairs:
-        direction = evaluation._default_direction(metric)
+        direction = delta.direction(metric)
         if direction is None:
             raise ValueError(
                 f"Cannot tell whether a higher or a lower {metric!r} of task {task!r} is better; the sweep "
-                f"selects on the metrics of {evaluation.HIGHER_IS_BETTER} and {evaluation.LOWER_IS_BETTER}."
+                f"selects on the metrics of {delta.HIGHER_IS_BETTER} and {delta.LOWER_IS_BETTER}."
             )
         directions[(task, metric)] = direction
     values = np.asarray([[row[t][m] for t, m in pairs] for row in rows], dtype=np.float64)
@@ -470,7 +445,7 @@ def _scores(rows: list[dict], tasks: list[str], selection: str) -> list[float]:
     metrics = {}
     for task, metric in pairs:
         metrics.setdefault(task, []).append(metric)
-    return [float(evaluation.delta_m(row, reference, metrics=metrics).delta_m) for row in rows]
+    return [float(delta.delta_m(row, reference, metrics=metrics).delta_m) for row in rows]
 
 
 def static_weight_sweep(
@@ -549,7 +524,7 @@ def static_weight_sweep(
     vectors = _candidate_vectors(grid, tasks, seed)
     train_split, validation_split = _holdout_splits(config, validation)
     base = _base_name(config)
-    progress = _Progress("static-weight sweep", len(vectors))
+    progress = experiment.Progress("static-weight sweep", len(vectors))
     results = []
     for vector in vectors:
         label = "-".join(f"{w:.3g}" for w in vector.values())
@@ -603,7 +578,7 @@ def static_weight_sweep(
         selection=selection,
         splits={"train": train_split, "validation": validation_split},
         results=results,
-        seconds_per_epoch=[_mean_seconds(result) for result in results],
+        seconds_per_epoch=[result.mean_seconds_per_epoch for result in results],
         refit=refitted,
     )
 
@@ -631,7 +606,7 @@ def _test_scores(result, config: dict, fresh: bool) -> tuple[dict, dict]:
             except (OSError, ValueError):
                 pass
         per_seed[seed] = _evaluate_saved(seed_dir / "model.keras", config)
-        experiment._write_json_atomic(cached, per_seed[seed])
+        experiment.write_json_atomic(cached, per_seed[seed])
     return experiment.summarize(per_seed)
 
 

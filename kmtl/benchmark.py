@@ -34,7 +34,7 @@ import os
 import time
 from pathlib import Path
 
-from kmtl import baselines, evaluation, experiment
+from kmtl import baselines, delta, experiment
 
 __all__ = ["BUDGETS", "DATASETS", "REFERENCES", "STRATEGIES", "Benchmark", "run"]
 
@@ -151,15 +151,15 @@ def _percent(row: dict, task: str) -> float:
 
 
 def _row(method, mean, std, single, seconds, **extra) -> dict:
-    delta = evaluation.delta_m(mean, single.mean, metrics=_METRICS)
+    change = delta.delta_m(mean, single.mean, metrics=_METRICS)
     return {
         "method": method,
         "left": _percent(mean, "left"),
         "left_std": _percent(std, "left"),
         "right": _percent(mean, "right"),
         "right_std": _percent(std, "right"),
-        "delta_m": delta.delta_m,
-        "delta_p": delta.delta_p,
+        "delta_m": change.delta_m,
+        "delta_p": change.delta_p,
         "seconds_per_epoch": seconds,
         **extra,
     }
@@ -273,7 +273,7 @@ def run(
     single_seconds = sum(single.seconds_per_epoch.values())
     keras.backend.clear_session()
     sweep = baselines.static_weight_sweep(config, grid=budget["grid"], force=force)
-    progress = baselines._Progress("benchmark strategy", len(chosen))
+    progress = experiment.Progress("benchmark strategy", len(chosen))
     results = {}
     for method, spec in chosen.items():
         progress.begin(method)
@@ -297,12 +297,12 @@ def run(
             sweep.refit.mean,
             sweep.refit.std,
             single,
-            baselines._mean_seconds(sweep.refit),
+            sweep.refit.mean_seconds_per_epoch,
             weights=sweep.chosen_weights,
         ),
     ]
     for method, result in results.items():
-        rows.append(_row(method, result.mean, result.std, single, baselines._mean_seconds(result)))
+        rows.append(_row(method, result.mean, result.std, single, result.mean_seconds_per_epoch))
     directory = Path(out) / f"benchmark-{dataset}-{budget_name}"
     directory.mkdir(parents=True, exist_ok=True)
     note = (
@@ -362,7 +362,7 @@ def run(
         "wall_seconds_this_call": wall,
         "training_seconds": training,
     }
-    experiment._write_json_atomic(directory / "results.json", record)
+    experiment.write_json_atomic(directory / "results.json", record)
     print(table)
     print(
         f"kmtl: wrote {directory}/ (table.md, results.json, tradeoff.png) in {wall:.0f} s; training all "

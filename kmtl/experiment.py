@@ -287,6 +287,12 @@ class Result:
             lines.append(f"overall: {overall}")
         return "\n".join(lines)
 
+    @property
+    def mean_seconds_per_epoch(self) -> float:
+        """The mean of `seconds_per_epoch` over the seeds (NaN when none was timed)."""
+        values = [s for s in self.seconds_per_epoch.values() if s == s]
+        return float(np.mean(values)) if values else float("nan")
+
     def _cell(self, task: str, metric: str) -> str:
         if metric not in self.mean[task]:
             return "-"
@@ -516,7 +522,28 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_json_atomic(path: Path, value) -> None:
+class Progress:
+    """Progress of a long loop: `kmtl: <what> [k/n] <label> (elapsed s, about N s left)` lines.
+
+    `begin(label)` prints the line of the next item, `end()` counts it done;
+    the time left is the mean time per finished item times the items left.
+    """
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.start, self.done = what, total, time.perf_counter(), 0
+
+    def begin(self, label: str) -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = ""
+        if self.done:
+            eta = f", about {elapsed / self.done * (self.total - self.done):.0f} s left"
+        print(f"kmtl: {self.what} [{self.done + 1}/{self.total}] {label} ({elapsed:.0f} s{eta})", flush=True)
+
+    def end(self) -> None:
+        self.done += 1
+
+
+def write_json_atomic(path: Path, value) -> None:
     """Writes `value` to a temporary sibling, flushes it and moves it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -658,7 +685,7 @@ def run(
             mean=mean,
             std=std,
         )
-        _write_json_atomic(path, record)
+        write_json_atomic(path, record)
         return record
 
     write(complete=False)
@@ -675,6 +702,7 @@ def run(
 __all__ = [
     "HASH_EXCLUDED",
     "KEYS",
+    "Progress",
     "STD_DDOF",
     "Result",
     "build_weighting",
@@ -682,4 +710,5 @@ __all__ = [
     "load_config",
     "run",
     "summarize",
+    "write_json_atomic",
 ]

@@ -59,6 +59,13 @@ DATASETS = ("mnist", "fashion_mnist", "digits") + tuple(
     f"emnist/{name}" for name in sorted(_emnist.EMNIST_SPLITS)
 )
 SOURCES = ("auto", "local", "tfds")
+#: Two-object datasets of `task_dataset` and the `kmtl.data.multi_mnist` base each uses
+#: (Sener & Koltun's recipe): MultiMNIST, MultiFashion and Multi-(Fashion+MNIST).
+COMPOSITE_DATASETS = {
+    "multimnist": "mnist",
+    "multifashion": "fashion",
+    "multi_fashion_mnist": "fashion+mnist",
+}
 SPLITS = ("train", "test")
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SEED = 0
@@ -304,8 +311,6 @@ def available(dataset: str, data_dir: str | os.PathLike | None = None, tfds_data
     >>> kmtl.data.available("digits")
     True
     """
-    from kmtl.data.task_specs import COMPOSITE_DATASETS
-
     if dataset in COMPOSITE_DATASETS:
         bases = {
             "mnist": ["mnist"],

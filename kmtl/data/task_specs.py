@@ -45,7 +45,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from kmtl.data import emnist as _emnist
-from kmtl.data.sources import _check_dataset
+from kmtl.data.sources import COMPOSITE_DATASETS, _check_dataset
 
 __all__ = [
     "COMPOSITE_DATASETS",
@@ -64,13 +64,6 @@ FASHION_MNIST_CLASSES = (
 )  # fmt: skip
 FASHION_MNIST_GROUPS = ("top", "bottom", "dress", "footwear", "bag")
 FASHION_MNIST_GROUP_OF_CLASS = (0, 1, 0, 2, 0, 3, 0, 3, 4, 3)  # class index -> group index
-#: Two-object datasets of `task_dataset` and the `kmtl.data.multi_mnist` base each uses
-#: (Sener & Koltun's recipe): MultiMNIST, MultiFashion and Multi-(Fashion+MNIST).
-COMPOSITE_DATASETS = {
-    "multimnist": "mnist",
-    "multifashion": "fashion",
-    "multi_fashion_mnist": "fashion+mnist",
-}
 
 
 class _Task(NamedTuple):
