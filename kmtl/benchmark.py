@@ -315,9 +315,6 @@ def run(
     )
     table = _table(dataset, budget_name, budget, rows, note)
     (directory / "table.md").write_text(table, encoding="utf-8")
-    import matplotlib
-
-    matplotlib.use("Agg")
     drawn = {"static (tuned)": sweep.refit, **results}
     fig = plots.plot_tradeoff(
         {m: r.mean for m, r in drawn.items()},

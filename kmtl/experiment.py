@@ -452,10 +452,10 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     if config["data_dir"] is not None:  # so that `kmtl evaluate` finds the data from any directory
         config["data_dir"] = os.path.abspath(os.path.expanduser(config["data_dir"]))
     _write_json(run_dir / "config.json", config)
-    import matplotlib
     import matplotlib.pyplot
 
-    matplotlib.use("Agg")
+    # No `matplotlib.use("Agg")`: that would switch a notebook's backend and hide its plots.
+    # Without a display matplotlib picks Agg itself.
     fig = plots.plot_history(history)
     fig.savefig(run_dir / "curves.png", dpi=100)
     matplotlib.pyplot.close(fig)
