@@ -385,40 +385,24 @@ def plot_tradeoff(
             label="static, chosen on validation",
         )
     colours = plt.get_cmap("tab10")
+
+    def draw(point, err, **style):
+        """One point with its error bars (`err`: (x std, y std) or None)."""
+        xerr, yerr = (None, None) if err is None else ([err[0]], [err[1]])
+        ax.errorbar([point[0]], [point[1]], xerr=xerr, yerr=yerr, capsize=2, **style)
+
     for index, (name, row) in enumerate(methods.items()):
-        x, y = _point(row, tasks, metric, f"method {name!r}")
         err = None
         if spread is not None and name in spread:
             err = _point(spread[name], tasks, metric, f"the spread of {name!r}")
-        ax.errorbar(
-            [x],
-            [y],
-            xerr=None if err is None else [err[0]],
-            yerr=None if err is None else [err[1]],
-            fmt="o",
-            ms=6,
-            capsize=2,
-            color=colours(index % 10),
-            zorder=4,
-            label=name,
-        )
+        point = _point(row, tasks, metric, f"method {name!r}")
+        draw(point, err, fmt="o", ms=6, color=colours(index % 10), zorder=4, label=name)
     if single_task is not None:
-        x, y = _point(single_task, tasks, metric, "`single_task`")
-        err = (
-            _point(single_task_spread, tasks, metric, "`single_task_spread`") if single_task_spread else None
-        )
-        ax.errorbar(
-            [x],
-            [y],
-            xerr=None if err is None else [err[0]],
-            yerr=None if err is None else [err[1]],
-            fmt="*",
-            ms=14,
-            capsize=2,
-            color="black",
-            zorder=5,
-            label="single-task",
-        )
+        err = None
+        if single_task_spread:
+            err = _point(single_task_spread, tasks, metric, "`single_task_spread`")
+        point = _point(single_task, tasks, metric, "`single_task`")
+        draw(point, err, fmt="*", ms=14, color="black", zorder=5, label="single-task")
     method_colours = {name: colours(index % 10) for index, name in enumerate(methods)}
     for label, (x, y) in (references or {}).items():
         # A reference named after a method ("paper equal") takes that method's colour.
