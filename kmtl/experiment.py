@@ -460,7 +460,8 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     fig.savefig(run_dir / "curves.png", dpi=100)
     matplotlib.pyplot.close(fig)
     print(
-        f"kmtl: wrote {run_dir}/ (saved_model/, model.keras, history.json, metrics.json, metrics.md, curves.png)"
+        f"kmtl: wrote {run_dir}/ (saved_model/, model.keras, history.json, metrics.json, metrics.md, curves.png"
+        + (", logs/ for TensorBoard)" if options.get("tensorboard") else ")")
     )
     seconds = sum(timer.seconds) / len(timer.seconds) if timer.seconds else float("nan")
     return TrainedRun(
