@@ -68,6 +68,8 @@ def _base_name(config: dict) -> str:
 class Baselines:
     """The single-task baselines of a config.
 
+    `mean`, `std` and `seconds_per_epoch` are read from `results`.
+
     Attributes:
         results: `{task: kmtl.experiment.Result}` of the model trained on that
             task alone.
@@ -78,9 +80,18 @@ class Baselines:
     """
 
     results: dict
-    mean: dict
-    std: dict
-    seconds_per_epoch: dict
+
+    @property
+    def mean(self) -> dict:
+        return {task: dict(result.mean[task]) for task, result in self.results.items()}
+
+    @property
+    def std(self) -> dict:
+        return {task: dict(result.std[task]) for task, result in self.results.items()}
+
+    @property
+    def seconds_per_epoch(self) -> dict:
+        return {task: result.mean_seconds_per_epoch for task, result in self.results.items()}
 
     def __str__(self) -> str:
         lines = ["single-task baselines (mean ± std over seeds)"]
@@ -126,7 +137,7 @@ def single_task_baselines(
     base = _base_name(config)
     tasks = list(config["tasks"])
     progress = experiment.Progress("single-task", len(tasks))
-    results, mean, std, seconds = {}, {}, {}, {}
+    results = {}
     for task in tasks:
         progress.begin(task)
         single = dict(
@@ -137,13 +148,9 @@ def single_task_baselines(
             architecture="hard_sharing",
             name=f"{base}-single-{task}",
         )
-        result = experiment.run(single, force=force, out=out, verbose=verbose)
+        results[task] = experiment.run(single, force=force, out=out, verbose=verbose)
         progress.end()
-        results[task] = result
-        mean[task] = dict(result.mean[task])
-        std[task] = dict(result.std[task])
-        seconds[task] = result.mean_seconds_per_epoch
-    return Baselines(results=results, mean=mean, std=std, seconds_per_epoch=seconds)
+    return Baselines(results=results)
 
 
 # --------------------------------------------------------------------- the weight grid
@@ -330,6 +337,8 @@ def pareto_front(points: Sequence[Sequence[float]], higher_is_better: Sequence[b
 class Sweep:
     """A static-weight sweep: every candidate's scores, and the one chosen on validation.
 
+    `validation`, `validation_std` and `seconds_per_epoch` are read from `results`.
+
     Attributes:
         tasks: the task names.
         weights: `[{task: weight}]`, the candidates in order.
@@ -355,8 +364,6 @@ class Sweep:
 
     tasks: list
     weights: list
-    validation: list
-    validation_std: list
     test: list | None
     test_std: list | None
     scores: list
@@ -364,8 +371,19 @@ class Sweep:
     selection: str
     splits: dict
     results: list
-    seconds_per_epoch: list
     refit: object = None
+
+    @property
+    def validation(self) -> list:
+        return [result.mean for result in self.results]
+
+    @property
+    def validation_std(self) -> list:
+        return [result.std for result in self.results]
+
+    @property
+    def seconds_per_epoch(self) -> list:
+        return [result.mean_seconds_per_epoch for result in self.results]
 
     @property
     def chosen_weights(self) -> dict:
@@ -541,8 +559,7 @@ def static_weight_sweep(
         )
         results.append(experiment.run(candidate, force=force, out=out, verbose=verbose))
         progress.end()
-    rows = [result.mean for result in results]
-    scores = _scores(rows, tasks, selection)
+    scores = _scores([result.mean for result in results], tasks, selection)
     chosen = int(np.argmin(scores))
     test_mean = test_std = None
     if test:
@@ -569,8 +586,6 @@ def static_weight_sweep(
     return Sweep(
         tasks=tasks,
         weights=vectors,
-        validation=rows,
-        validation_std=[result.std for result in results],
         test=test_mean,
         test_std=test_std,
         scores=scores,
@@ -578,7 +593,6 @@ def static_weight_sweep(
         selection=selection,
         splits={"train": train_split, "validation": validation_split},
         results=results,
-        seconds_per_epoch=[result.mean_seconds_per_epoch for result in results],
         refit=refitted,
     )
 

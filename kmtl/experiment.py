@@ -218,7 +218,7 @@ def config_hash(config: str | os.PathLike | Mapping) -> str:
 
     The first 16 hex digits of the SHA-256 of the canonical JSON (sorted keys,
     no spaces) of `load_config(config)` without `HASH_EXCLUDED` (`out`,
-    `verbose`, `name`). Key order, defaults given or left out, `seed: 3`
+    `verbose`, `name`, `tensorboard`). Key order, defaults given or left out, `seed: 3`
     versus `seeds: [3]` and `"pcgrad"` versus `{"name": "pcgrad"}` give the
     same hash; any other value (an epoch, a strategy option, a seed) changes it.
 
@@ -265,8 +265,8 @@ class Result:
 
     def __str__(self) -> str:
         seeds = list(self.per_seed)
-        seconds = [s for s in self.seconds_per_epoch.values() if s == s]
-        timing = f", {sum(seconds) / len(seconds):.2f} s/epoch" if seconds else ""
+        seconds = self.mean_seconds_per_epoch
+        timing = f", {seconds:.2f} s/epoch" if seconds == seconds else ""
         lines = [
             f"experiment {self.run_dir.name} (config {self.hash}): {len(seeds)} seed(s) {seeds}{timing}; "
             f"mean ± std (ddof={STD_DDOF}) over seeds"
@@ -331,11 +331,8 @@ def _seed_options(config: dict, seed: int, run_dir: Path) -> dict:
 
 
 # --- one seed: what `kmtl train` trains and writes ------------------------------------
-def _build(options, data):
-    import keras
-
+def _build(options):
     import kmtl
-    from kmtl import trunks
 
     shape = data.input_shape(options["dataset"])
     trunk = options["trunk"]
@@ -349,9 +346,7 @@ def _build(options, data):
     model = kmtl.build_model(
         heads=heads, trunk=trunk, input_shape=shape, architecture=options["architecture"]
     )
-    optimizer = keras.optimizers.get(
-        {"class_name": options["optimizer"], "config": {"learning_rate": options["learning_rate"]}}
-    )
+    optimizer = _optimizer(options)
     weighting = options["weighting"]
     if isinstance(weighting, dict):  # {"name": strategy, option: value} from a config file
         weighting = build_weighting(weighting)
@@ -423,7 +418,7 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
         validation = data.task_dataset(
             options["dataset"], options["tasks"], split=options["validation"], batch_size=512, **common
         )
-    model = _build(options, data)
+    model = _build(options)
     print(
         f"kmtl: training {options['architecture']} on {options['dataset']} tasks "
         f"{options['tasks']} for {options['epochs']} epochs -> {run_dir}"
@@ -443,15 +438,15 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     run_dir.mkdir(parents=True, exist_ok=True)
     export.save_keras(model, run_dir / "model.keras")
     export.saved_model(model, run_dir / "saved_model")
-    _write_json(run_dir / "history.json", history.history)
-    _write_json(run_dir / "metrics.json", report.to_dict())
+    write_json_atomic(run_dir / "history.json", history.history)
+    write_json_atomic(run_dir / "metrics.json", report.to_dict())
     _write_text(run_dir / "metrics.md", report.to_markdown() + "\n")
     config = {key: options[key] for key in kmtl_cli.TRAIN_DEFAULTS}
     for key in ("validation", "train_split", "test_split", "tensorboard"):
         config[key] = options.get(key, kmtl_cli.CONFIG_ONLY_DEFAULTS[key])
     if config["data_dir"] is not None:  # so that `kmtl evaluate` finds the data from any directory
         config["data_dir"] = os.path.abspath(os.path.expanduser(config["data_dir"]))
-    _write_json(run_dir / "config.json", config)
+    write_json_atomic(run_dir / "config.json", config)
     import matplotlib.pyplot
 
     # No `matplotlib.use("Agg")`: that would switch a notebook's backend and hide its plots.
@@ -479,7 +474,7 @@ def _tensorboard_callbacks(model, validation, log_dir: Path) -> list:
 
     The monitor adds `cos_<a>_<b>` to each epoch's logs before TensorBoard
     writes them, so the event files hold, per epoch, every task's loss and
-    metrics (train and validation), the task weights (`weight_<task>`) and the
+    metrics (train and validation), the task weights (`<task>_weight`) and the
     pairwise gradient cosines.
     """
     import keras
@@ -513,16 +508,6 @@ def _epoch_timer():
     return EpochTimer()
 
 
-def _write_json(path: Path, value) -> None:
-    _write_text(path, json.dumps(value, indent=2, default=float) + "\n")
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 class Progress:
     """Progress of a long loop: `kmtl: <what> [k/n] <label> (elapsed s, about N s left)` lines.
 
@@ -545,13 +530,17 @@ class Progress:
 
 
 def write_json_atomic(path: Path, value) -> None:
-    """Writes `value` to a temporary sibling, flushes it and moves it over `path`."""
+    """Writes `value` as JSON (indented, NumPy scalars as floats) with `_write_text`."""
+    _write_text(path, json.dumps(value, indent=2, default=float) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Writes `text` to a temporary sibling, flushes it and moves it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(value, f, indent=2, default=float)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
