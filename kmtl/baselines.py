@@ -570,7 +570,6 @@ def static_weight_sweep(
             test_std.append(std)
     refitted = None
     if test and refit:
-        _clear_session()
         refitted = experiment.run(
             dict(
                 config,
@@ -595,13 +594,6 @@ def static_weight_sweep(
         results=results,
         refit=refitted,
     )
-
-
-def _clear_session() -> None:
-    """Frees the graphs of finished runs between runs (their models are saved)."""
-    import keras
-
-    keras.backend.clear_session()
 
 
 def _test_scores(result, config: dict, fresh: bool) -> tuple[dict, dict]:

@@ -603,7 +603,9 @@ def run(
     does into `<out>/<run>/seed-<s>/`; after each seed, `<out>/<run>/experiment.json`
     is rewritten atomically (a temporary file moved over it with `os.replace`)
     with the normalised config, its hash, every finished seed's report dict and
-    seconds per epoch, and the mean and std (`ddof=0`) over the seeds.
+    seconds per epoch, and the mean and std (`ddof=0`) over the seeds. Before
+    each seed `keras.backend.clear_session()` frees the graphs of the runs
+    before it, so that a long loop of runs does not grow.
 
     If `experiment.json` already holds this config's hash and every seed's
     metrics, nothing is trained: a line saying so is printed and the stored
@@ -627,6 +629,8 @@ def run(
             `<out>/<run>/` holds an experiment of another config, another kind
             of run, or an unreadable `experiment.json`, unless `force`.
     """
+    import keras
+
     config = load_config(config)
     try:
         if out is not None:
@@ -682,6 +686,7 @@ def run(
     for seed in config["seeds"]:
         if seed in done:
             continue
+        keras.backend.clear_session()  # the finished runs' graphs are saved: free them
         trained = train_run(_seed_options(config, seed, run_dir), run_dir / f"seed-{seed}")
         done[seed] = trained.report.to_dict()
         seconds[seed] = float(trained.seconds_per_epoch)
