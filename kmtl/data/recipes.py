@@ -67,10 +67,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kmtl.data.sources import BASE_SOURCES
+
 logger = logging.getLogger(__name__)
 
 RECIPES = ("sener", "pareto")
-BASES = ("mnist", "fashion", "fashion+mnist")
+BASES = tuple(BASE_SOURCES)  # "mnist", "fashion", "fashion+mnist"
 SPLITS = ("train", "test")
 
 SENER_MEAN = 0.1307
@@ -129,11 +131,7 @@ def _check_split(split) -> str:
 
 
 def _sources(base: str) -> tuple[str, str]:
-    return {
-        "mnist": ("mnist", "mnist"),
-        "fashion": ("fashion_mnist", "fashion_mnist"),
-        "fashion+mnist": ("fashion_mnist", "mnist"),
-    }[base]
+    return BASE_SOURCES[base]
 
 
 def _nearest_rows() -> np.ndarray:

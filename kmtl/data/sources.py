@@ -66,6 +66,12 @@ COMPOSITE_DATASETS = {
     "multifashion": "fashion",
     "multi_fashion_mnist": "fashion+mnist",
 }
+#: The datasets of the (left, right) objects of each `kmtl.data.multi_mnist` base.
+BASE_SOURCES = {
+    "mnist": ("mnist", "mnist"),
+    "fashion": ("fashion_mnist", "fashion_mnist"),
+    "fashion+mnist": ("fashion_mnist", "mnist"),
+}
 SPLITS = ("train", "test")
 _DIGITS_TEST_FRACTION = 0.2
 _DIGITS_SEED = 0
@@ -312,12 +318,8 @@ def available(dataset: str, data_dir: str | os.PathLike | None = None, tfds_data
     True
     """
     if dataset in COMPOSITE_DATASETS:
-        bases = {
-            "mnist": ["mnist"],
-            "fashion": ["fashion_mnist"],
-            "fashion+mnist": ["fashion_mnist", "mnist"],
-        }
-        return all(available(b, data_dir, tfds_data_dir) for b in bases[COMPOSITE_DATASETS[dataset]])
+        sources = set(BASE_SOURCES[COMPOSITE_DATASETS[dataset]])
+        return all(available(source, data_dir, tfds_data_dir) for source in sources)
     _check_dataset(dataset)
     if dataset == "digits":
         return True

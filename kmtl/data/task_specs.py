@@ -45,7 +45,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from kmtl.data import emnist as _emnist
-from kmtl.data.sources import COMPOSITE_DATASETS, _check_dataset
+from kmtl.data.sources import BASE_SOURCES, COMPOSITE_DATASETS, _check_dataset
 
 __all__ = [
     "COMPOSITE_DATASETS",
@@ -148,9 +148,9 @@ def class_names(dataset: str, task: str) -> list[str]:
     if dataset == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES if task == "item" else FASHION_MNIST_GROUPS)
     if dataset in COMPOSITE_DATASETS:
-        base = COMPOSITE_DATASETS[dataset]
-        fashion = base == "fashion" or (base == "fashion+mnist" and task == "left")
-        return list(FASHION_MNIST_CLASSES) if fashion else [str(digit) for digit in range(10)]
+        left, right = BASE_SOURCES[COMPOSITE_DATASETS[dataset]]
+        source = left if task == "left" else right
+        return class_names(source, "item" if source == "fashion_mnist" else "digit")
     if dataset.startswith("emnist/"):
         return _emnist.emnist_char_names(dataset.split("/", 1)[1])
     return [str(digit) for digit in range(10)]
