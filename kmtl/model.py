@@ -16,7 +16,6 @@ from kmtl.objective import TaskObjective
 
 #: `keras.Model.compile` arguments kept in the compile config besides kmtl's own.
 _KERAS_COMPILE_ARGUMENTS = (
-    "weighted_metrics",
     "run_eagerly",
     "steps_per_execution",
     "jit_compile",
@@ -192,7 +191,10 @@ class MultiTaskModel(keras.Model):
                 strategy, these scale each task's loss before the strategy
                 sees it.
             metrics: optional dict `{head: [metrics]}`; heads not in it use
-                their default metrics.
+                their default metrics. Metrics take the sample weights into
+                account (Keras's `weighted_metrics`), so an example whose
+                label is missing (weight 0) does not count; `weighted_metrics`
+                (a dict like `metrics`) is accepted and appended to them.
             weighting: None (static `loss_weights`), a registered name
                 (`kmtl.weighting.names()`) or a `kmtl.weighting.Weighting`.
             **kwargs: other `keras.Model.compile` arguments.
@@ -205,6 +207,10 @@ class MultiTaskModel(keras.Model):
         """
         loss = self._per_head("loss", loss, lambda h: h.loss())
         metrics = self._per_head("metrics", metrics, lambda h: h.metrics())
+        extra = kwargs.pop("weighted_metrics", None)
+        if extra is not None:
+            extra = self._per_head("weighted_metrics", extra, lambda h: [])
+            metrics = {name: list(metrics[name] or []) + list(extra[name] or []) for name in metrics}
         if loss_weights is not None:
             loss_weights = self._per_head("loss_weights", loss_weights, lambda h: 1.0)
         objective = TaskObjective(self.heads, loss, loss_weights)
@@ -219,7 +225,9 @@ class MultiTaskModel(keras.Model):
                 raise ValueError(
                     f"{type(strategy).__name__} cannot run with jit_compile=True. Received: jit_compile=True"
                 )
-        super().compile(optimizer=optimizer, loss=None, metrics=metrics, **kwargs)
+        # Weighted metrics: a zero sample weight marks a missing label, which
+        # must not count (the objective replaced it by a placeholder value).
+        super().compile(optimizer=optimizer, loss=None, weighted_metrics=metrics, **kwargs)
         if strategy is not None:
             if strategy.built and strategy.task_names != objective.task_names:
                 raise ValueError(

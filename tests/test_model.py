@@ -229,6 +229,29 @@ def test_masked_labels_may_hold_placeholders():
     )
 
 
+def test_metrics_skip_examples_whose_label_is_missing():
+    # The objective replaces a missing label by a placeholder; the metrics must
+    # not count it (they are Keras weighted metrics fed the masks).
+    x, y = _data(48, seed=3)
+    model = _model()
+    mask = np.r_[np.ones(16), np.zeros(32)].astype("float32")
+    parity = y["parity"].copy()
+    parity[16:] = 1.0 - parity[16:]  # wrong labels, but masked
+    report = model.evaluate(
+        x,
+        {"digit": y["digit"], "parity": parity},
+        sample_weight={"digit": np.ones(48, "float32"), "parity": mask},
+        return_dict=True,
+        verbose=0,
+    )
+    predicted = (model.predict(x, verbose=0)["parity"].ravel() > 0.5).astype("float32")
+    expected = float(np.mean(predicted[:16] == parity[:16]))
+    assert report["parity_accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert report["digit_accuracy"] == pytest.approx(
+        float(np.mean(np.argmax(model.predict(x, verbose=0)["digit"], -1) == y["digit"])), abs=1e-6
+    )
+
+
 @pytest.mark.parametrize("strategy", [None, "sum"])
 def test_non_finite_loss_stops_with_task_name(strategy):
     x, y = _data(32, tasks=("digit", "value"))
