@@ -252,7 +252,7 @@ class Regression(Head):
     """Regression with `units` linear outputs.
 
     Targets have shape `(batch,)`/`(batch, 1)` for one unit, else
-    `(batch, units)`. Loss: mean squared error; metric: `mae`.
+    `(batch, units)`. Loss: mean squared error; metrics: `mae`, `rmse`.
     """
 
     kind = "regression"
@@ -268,7 +268,7 @@ class Regression(Head):
         return keras.losses.MeanSquaredError(reduction="mean_with_sample_weight", name=f"{self.name}_loss")
 
     def metrics(self):
-        return [keras.metrics.MeanAbsoluteError(name="mae")]
+        return [keras.metrics.MeanAbsoluteError(name="mae"), keras.metrics.RootMeanSquaredError(name="rmse")]
 
     def target_shape(self):
         return () if self.units == 1 else (self.units,)

@@ -123,6 +123,8 @@ class MultiTaskModel(keras.Model):
         self.architecture_options = options
         self.supports_representation = parts.supports_representation
         self.shared_description = parts.shared_description
+        #: Heads with no loss by default (they learn through another head's output).
+        self.untrained_heads = tuple(parts.untrained)
         self._input_spec_config = {k: list(v) for k, v in spec.items()}
         self._multi_input = multi_input
         self._kmtl_weighting = None
@@ -183,7 +185,8 @@ class MultiTaskModel(keras.Model):
         Args:
             optimizer: any Keras optimizer identifier.
             loss: optional dict `{head: loss}`; heads not in it use their
-                default loss. `{head: None}` trains no loss for that head.
+                default loss (none for the architecture's `untrained_heads`,
+                e.g. ESMM's conversion head). `{head: None}` trains no loss for that head.
                 A `keras.losses.Loss` keeps its reduction; a loss function or
                 name uses Keras's default (`sum_over_batch_size`).
             loss_weights: optional dict `{head: weight}` (missing heads: 1.0),
@@ -205,7 +208,7 @@ class MultiTaskModel(keras.Model):
                 non-finite or negative loss weights, or an unknown weighting
                 name.
         """
-        loss = self._per_head("loss", loss, lambda h: h.loss())
+        loss = self._per_head("loss", loss, lambda h: None if h.name in self.untrained_heads else h.loss())
         metrics = self._per_head("metrics", metrics, lambda h: h.metrics())
         extra = kwargs.pop("weighted_metrics", None)
         if extra is not None:

@@ -13,6 +13,7 @@ and export work the same for every architecture.
 | `cross_stitch` | `cross_stitch`   | every column and cross-stitch unit                  |
 | `mtan`         | `mtan`           | the conv stages of the trunk                        |
 | `task_routed`  | `task_routed`    | the trunk, applied to each task's own input         |
+| `esmm`         | `esmm`           | both towers (pCTCVR = pCTR x pCVR, entire space)    |
 
 Every builder module is imported here and registers its builder
 (`kmtl.registry`); `get(name)` returns the builder wrapped so that unknown option names and
@@ -27,12 +28,12 @@ import inspect
 import json
 
 from kmtl import registry
-from kmtl.architectures import cross_stitch, hard_sharing, layers, mmoe, mtan, ple, task_routed  # noqa: F401
+from kmtl.architectures import cross_stitch, esmm, hard_sharing, layers, mmoe, mtan, ple, task_routed  # noqa: F401
 from kmtl.architectures.base import Parts, decoder_inputs
 from kmtl.architectures.inspection import expert_labels, expert_utilization
 from kmtl.architectures.task_routed import task_inputs, task_submodel
 
-_ORDER = ("hard_sharing", "mmoe", "cgc", "ple", "cross_stitch", "mtan", "task_routed")
+_ORDER = ("hard_sharing", "mmoe", "cgc", "ple", "cross_stitch", "mtan", "task_routed", "esmm")
 
 
 def names() -> list[str]:

@@ -24,6 +24,9 @@ case no representation tensor may be computed from another one (hand a
 tensor that feeds another to the decoders through a separate copy):
 otherwise a task's representation gradient counts that path twice.
 
+`untrained` (optional): heads that get no loss by default because they
+learn through another head's output (ESMM's conversion head).
+
 `stages` (optional): when the encoder is a chain, the layers whose
 successive application to the input is the encoder, holding every shared
 variable. The parameters-mode Gram engine (`kmtl.backend.tensorflow.gram`)
@@ -49,6 +52,9 @@ class Parts:
     shared_description: str = ""
     #: The encoder as a chain of layers (see the module docstring), or None.
     stages: list | None = None
+    #: Heads trained through another head's output only (ESMM's pCVR): they get
+    #: no loss unless `compile(loss=...)` gives them one.
+    untrained: tuple = ()
 
 
 def decoder_inputs(representation, prefix: str):
