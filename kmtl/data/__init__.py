@@ -12,6 +12,7 @@
   Multi-(Fashion+MNIST), two objects per image (module `kmtl.data.recipes`).
 - `mix({task: dataset})`: single-task datasets mixed into masked
   multi-task batches.
+- `load_movielens`, `movielens_arrays`, `movielens_tasks`: MovieLens 100K tasks.
 
 Example:
 
@@ -23,6 +24,7 @@ Example:
 from kmtl.data import emnist, recipes
 from kmtl.data.idx import IDXError, read_idx, write_idx
 from kmtl.data.mixing import mix
+from kmtl.data.movielens import load_movielens, movielens_arrays, movielens_available, movielens_tasks
 from kmtl.data.recipes import multi_mnist, multi_mnist_arrays
 from kmtl.data.sources import DATASETS, SOURCES, available, clear_cache, data_dir, load_arrays, parse_split
 from kmtl.data.task_specs import (
@@ -56,8 +58,12 @@ __all__ = [
     "fashion_tasks",
     "input_shape",
     "load_arrays",
+    "load_movielens",
     "mix",
     "mnist_tasks",
+    "movielens_arrays",
+    "movielens_available",
+    "movielens_tasks",
     "multi_mnist",
     "multi_mnist_arrays",
     "parse_split",
