@@ -230,7 +230,10 @@ def lenet() -> Trunk:
 
 
 def get(identifier) -> Trunk:
-    """Returns a trunk from a Trunk, a preset name or a config dict.
+    """Returns a trunk from a Trunk, a preset name, `"dense:<units>"` or a config dict.
+
+    `"dense:64,32"` is `dense((64, 32))`; the presets are `lenet`, `conv`
+    (`conv()`) and `dense` (`dense()`).
 
     Raises:
         ValueError: for an unknown preset or malformed config.
@@ -238,6 +241,18 @@ def get(identifier) -> Trunk:
     if isinstance(identifier, Trunk):
         return identifier
     presets = {"lenet": lenet, "conv": conv, "dense": dense}
+    if isinstance(identifier, str) and identifier.startswith("dense:"):
+        # "dense:64,32": a Dense stack of those sizes (a trunk a config file or flag can name).
+        try:
+            units = tuple(int(part) for part in identifier[len("dense:") :].split(","))
+        except ValueError:
+            units = ()
+        if not units or min(units) < 1:
+            raise ValueError(
+                f'A "dense:<units>" trunk lists positive layer sizes, e.g. "dense:64,32". '
+                f"Received: trunk={identifier!r}"
+            )
+        return dense(units)
     if isinstance(identifier, str):
         if identifier not in presets:
             raise ValueError(
@@ -276,7 +291,7 @@ def get(identifier) -> Trunk:
             return conv(**config)
     raise ValueError(
         "A trunk must be a kmtl.trunks.Trunk, a preset name ('lenet', 'conv', "
-        f"'dense') or a dict with a 'kind'. Received: trunk={identifier!r}"
+        f"'dense'), 'dense:<units>' or a dict with a 'kind'. Received: trunk={identifier!r}"
     )
 
 

@@ -57,11 +57,17 @@ def test_lenet_is_multilenet():
         (lambda: trunks.conv(dropout=1.5), "dropout=1.5"),
         (lambda: trunks.Trunk("rnn"), "kind='rnn'"),
         (lambda: trunks.get("resnet"), "Unknown trunk 'resnet'"),
+        (lambda: trunks.get("dense:64,x"), "positive layer sizes"),
+        (lambda: trunks.get("dense:0"), "positive layer sizes"),
     ],
 )
 def test_bad_arguments(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_dense_sizes_by_name():
+    assert trunks.get("dense:64,32") == trunks.dense((64, 32))
 
 
 def test_conv_trunk_needs_images():

@@ -1199,6 +1199,7 @@ def movielens_tasks(
     source: str = "auto",
     data_dir: str | os.PathLike | None = None,
     tfds_data_dir: str | os.PathLike | None = None,
+    shuffle_seed: int | None = None,
 ):
     """MovieLens 100K multi-task `tf.data` pipeline (the rows of `movielens_arrays`).
 
@@ -1212,10 +1213,15 @@ def movielens_tasks(
         batch_size: rows per batch, or `None` for unbatched rows.
         shuffle: shuffle (again every epoch); default `True` except for
             `"test"`.
-        seed: seeds the split, the negatives and the shuffle order.
+        seed: seeds the split, the negatives and (unless `shuffle_seed` is
+            given) the shuffle order.
         drop_remainder: drop the last partial batch.
         split_scheme, test_fraction, negatives, source, data_dir,
             tfds_data_dir: as in `movielens_arrays`.
+        shuffle_seed: seeds the shuffle order alone (default: `seed`), so
+            that runs with different training seeds share one split and one
+            set of negatives (what `kmtl.data.task_dataset("movielens", ...)`
+            does: split seed 0).
 
     Returns:
         A dataset of `(features, {task: label})`, or of `(features, {task:
@@ -1239,6 +1245,12 @@ def movielens_tasks(
     from kmtl.data.tasks import _check_batch_size
 
     batch_size = _check_batch_size(batch_size)
+    if shuffle_seed is not None and (
+        isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)) or shuffle_seed < 0
+    ):
+        raise ValueError(
+            f"`shuffle_seed` must be an integer >= 0 or None. Received: shuffle_seed={shuffle_seed!r}"
+        )
     rows = _rows(tasks, split, split_scheme, test_fraction, negatives, seed, source, data_dir, tfds_data_dir)
     if shuffle is None:
         shuffle = split != "test"
@@ -1269,7 +1281,8 @@ def movielens_tasks(
     num_rows = len(rows.user_index)
     pipeline = tf.data.Dataset.range(num_rows)
     if shuffle and num_rows > 1:
-        pipeline = pipeline.shuffle(num_rows, seed=seed, reshuffle_each_iteration=True)
+        order_seed = seed if shuffle_seed is None else shuffle_seed
+        pipeline = pipeline.shuffle(num_rows, seed=order_seed, reshuffle_each_iteration=True)
     block = batch_size if batch_size is not None else _UNBATCHED_BLOCK
     pipeline = pipeline.batch(block, drop_remainder=drop_remainder and batch_size is not None)
     pipeline = pipeline.map(take, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

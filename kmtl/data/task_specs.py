@@ -17,6 +17,16 @@ several heads at once:
 | `emnist/letters`         | `char`      | Classification(26) | int32 letter, A = 0 (stored labels 1..26 minus 1) |
 | `emnist/digits`, `emnist/mnist` | `char`, `parity`, `large`, `value` | as for `mnist` |     |
 | `multimnist`, `multifashion`, `multi_fashion_mnist` | `left`, `right` | Classification(10) each | int64 class of the top-left / bottom-right object |
+| `movielens`, `movielens/temporal` | `rating` | Regression | float32 rating 1..5 (masked on sampled negatives) |
+|                          | `liked`     | Binary         | float32, 1 = rating >= 4 (masked on negatives) |
+|                          | `watched`   | Binary         | float32, 1 = rated, 0 = sampled negative    |
+|                          | `liked_given_watched` | Binary | liked, masked on negatives (ESMM's pCVR) |
+|                          | `watched_and_liked` | Binary   | float32, 1 = rated and liked (ESMM's pCTCVR) |
+
+The MovieLens datasets (`RECOMMENDER_DATASETS`) are `kmtl.data.movielens_tasks`
+with raw feature inputs (see `kmtl.data.movielens_features`), split seed 0
+and 4 negatives per rating: `movielens` the seeded random 80/20 split,
+`movielens/temporal` each user's latest 20 % of ratings as test.
 
 The three composite datasets (`COMPOSITE_DATASETS`) are the Sener & Koltun
 (2018) recipe of `kmtl.data.multi_mnist` on MNIST, Fashion-MNIST and
@@ -47,8 +57,13 @@ import numpy as np
 from kmtl.data import emnist as _emnist
 from kmtl.data.sources import BASE_SOURCES, COMPOSITE_DATASETS, _check_dataset
 
+#: Recommender datasets: name -> `kmtl.data.movielens_tasks` split scheme.
+RECOMMENDER_DATASETS = {"movielens": "random", "movielens/temporal": "temporal"}
+_MOVIELENS_REGRESSION = ("rating",)
+
 __all__ = [
     "COMPOSITE_DATASETS",
+    "RECOMMENDER_DATASETS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_GROUPS",
     "FASHION_MNIST_GROUP_OF_CLASS",
@@ -92,6 +107,13 @@ def _emnist_task(split_name: str, key: str, weighted: bool = False):
 def _tasks_of(dataset: str) -> dict[str, _Task]:
     if dataset in COMPOSITE_DATASETS:
         return {side: _Task("classification", 10, None) for side in ("left", "right")}
+    if dataset in RECOMMENDER_DATASETS:
+        from kmtl.data.movielens import TASKS
+
+        return {
+            task: _Task("regression" if task in _MOVIELENS_REGRESSION else "binary", None, None)
+            for task in TASKS
+        }
     _check_dataset(dataset)
     if dataset in ("mnist", "digits"):
         return _digit_tasks("digit")
@@ -125,7 +147,17 @@ def available_tasks(dataset: str) -> list[str]:
 
 
 def input_shape(dataset: str) -> tuple[int, int, int]:
-    """Returns the image shape a pipeline yields: `(8, 8, 1)` for digits, else `(28, 28, 1)`."""
+    """Returns the image shape a pipeline yields: `(8, 8, 1)` for digits, else `(28, 28, 1)`.
+
+    Raises:
+        ValueError: for a recommender dataset, whose inputs are raw features
+            (`kmtl.data.movielens_features`), not one image.
+    """
+    if dataset in RECOMMENDER_DATASETS:
+        raise ValueError(
+            f"Dataset {dataset!r} has raw feature inputs, not images: build its model with "
+            f"`features=kmtl.data.movielens_features(...)`. Received: dataset={dataset!r}"
+        )
     if dataset in COMPOSITE_DATASETS:
         return (28, 28, 1)
     return (8, 8, 1) if _check_dataset(dataset) == "digits" else (28, 28, 1)

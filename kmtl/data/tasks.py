@@ -20,7 +20,7 @@ import numpy as np
 
 from kmtl.data import emnist as _emnist
 from kmtl.data.sources import load_arrays, parse_split
-from kmtl.data.task_specs import COMPOSITE_DATASETS, _check_tasks
+from kmtl.data.task_specs import COMPOSITE_DATASETS, RECOMMENDER_DATASETS, _check_tasks
 
 __all__ = ["digits_tasks", "emnist_tasks", "fashion_tasks", "mnist_tasks", "task_dataset"]
 
@@ -55,7 +55,10 @@ def task_dataset(
         dataset: `"mnist"`, `"fashion_mnist"`, `"digits"`, `"emnist/<split_name>"`
             or a composite dataset (`"multimnist"`, `"multifashion"`,
             `"multi_fashion_mnist"`: `kmtl.data.multi_mnist` with the Sener
-            recipe, pairing seed 0, tasks `left` and `right`).
+            recipe, pairing seed 0, tasks `left` and `right`), or a
+            recommender dataset (`"movielens"`, `"movielens/temporal"`:
+            `kmtl.data.movielens_tasks` with split seed 0 and 4 negatives
+            per rating; `seed` only orders the rows; whole splits only).
         tasks: task names (see `available_tasks`); the label dict keeps their order.
         split: `"train"` or `"test"`, optionally sliced (`"train[:5000]"`).
         batch_size: examples per batch, or `None` for unbatched examples
@@ -97,6 +100,19 @@ def task_dataset(
     if dataset in COMPOSITE_DATASETS:
         return _composite(
             dataset, list(specs), split, batch_size, source, data_dir, shuffle, seed, drop_remainder
+        )
+    if dataset in RECOMMENDER_DATASETS:
+        return _movielens(
+            dataset,
+            list(specs),
+            split,
+            batch_size,
+            source,
+            data_dir,
+            tfds_data_dir,
+            shuffle,
+            seed,
+            drop_remainder,
         )
     images, labels = load_arrays(
         dataset, split, source=source, data_dir=data_dir, tfds_data_dir=tfds_data_dir
@@ -275,4 +291,31 @@ def emnist_tasks(
         seed,
         drop_remainder,
         tfds_data_dir,
+    )
+
+
+def _movielens(
+    dataset, tasks, split, batch_size, source, data_dir, tfds_data_dir, shuffle, seed, drop_remainder
+):
+    """A MovieLens pipeline: split seed 0 and 4 negatives for every run, `seed` orders the rows."""
+    from kmtl.data.movielens import movielens_tasks
+
+    base, bounds = parse_split(split)
+    if bounds is not None:
+        raise ValueError(
+            f"{dataset} splits are whole (`train` or `test` of its split scheme); a slice would cut the "
+            f"sampled negatives from their ratings. Received: split={split!r}"
+        )
+    return movielens_tasks(
+        tasks,
+        split=base,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        seed=0,
+        shuffle_seed=seed,
+        drop_remainder=drop_remainder,
+        split_scheme=RECOMMENDER_DATASETS[dataset],
+        source=source,
+        data_dir=data_dir,
+        tfds_data_dir=tfds_data_dir,
     )
