@@ -516,6 +516,37 @@ def test_pipeline_shuffle_structure_and_unbatched(recbole_root):
     assert all(b[1]["rating"].shape == (7,) for b in dropped.as_numpy_iterator())
 
 
+def test_task_dataset_keeps_one_split_and_lets_the_seed_order_the_rows(recbole_root):
+    import kmtl
+
+    tasks = ["rating", "watched"]
+
+    def rows(dataset, seed, split="train"):
+        pipeline = kmtl.data.task_dataset(
+            dataset, tasks, split=split, batch_size=5, seed=seed, data_dir=recbole_root
+        )
+        batches = list(pipeline.as_numpy_iterator())
+        return [
+            (u, i, w)
+            for b in batches
+            for u, i, w in zip(b[0]["user_id"], b[0]["item_id"], b[1]["watched"].tolist())
+        ]
+
+    first, second = rows("movielens", 0), rows("movielens", 1)
+    assert first != second and sorted(first) == sorted(second)  # same rows and negatives, other order
+    expected = movielens_arrays(tasks, "train", seed=0, data_dir=recbole_root)[0]
+    assert len(first) == len(expected["user_id"])
+    temporal = rows("movielens/temporal", 0, split="test")
+    assert sorted(temporal) != sorted(rows("movielens", 0, split="test"))
+    assert [h.kind for h in kmtl.data.task_heads("movielens", tasks)] == ["regression", "binary"]
+    with pytest.raises(ValueError, match="a slice would cut the sampled negatives"):
+        kmtl.data.task_dataset("movielens", tasks, split="train[:10]", data_dir=recbole_root)
+    with pytest.raises(ValueError, match="raw feature inputs"):
+        kmtl.data.input_shape("movielens")
+    with pytest.raises(ValueError, match="shuffle_seed"):
+        movielens_tasks(tasks, shuffle_seed=-1, data_dir=recbole_root)
+
+
 # --- tfds ---
 
 
