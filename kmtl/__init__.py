@@ -4,7 +4,8 @@ Importing `kmtl` imports every module, so every kmtl class that a saved model
 may name is registered with Keras (loading works in any process that ran
 `import kmtl`).
 
-Build a model with named heads on a shared trunk, train it with plain
+Build a model with named heads on a shared trunk (on images, arrays, or
+raw tabular columns described by `kmtl.inputs.Features`), train it with plain
 `model.fit` on dict targets, weight or aggregate the tasks with
 `kmtl.weighting`, evaluate per task and export one named output per head.
 
@@ -31,6 +32,7 @@ from kmtl import (
     experiment,
     export,
     heads,
+    inputs,
     logs,
     objective,
     plots,
@@ -70,6 +72,7 @@ __all__ = [
     "experiment",
     "export",
     "heads",
+    "inputs",
     "logs",
     "objective",
     "plots",

@@ -315,10 +315,11 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
     """Writes a TF SavedModel whose serving signature returns one output per head.
 
     The `serving_default` signature takes the model input (named `image` for
-    single-input models, or one argument per input name) and returns a dict
-    keyed by head name, equal to `model.predict`. Models with several
-    inputs (task-routed) also get one signature per task, `serve_<task>`,
-    that takes only that task's input.
+    single-input models, or one argument per input name; for a model on
+    `kmtl.inputs.Features`, one argument per feature with its raw dtype,
+    strings included) and returns a dict keyed by head name, equal to
+    `model.predict`. Models with several inputs (task-routed) also get one
+    signature per task, `serve_<task>`, that takes only that task's input.
 
     `path` becomes a symbolic link to a complete version directory beside it
     and is switched to the new model atomically; what is guaranteed, also
@@ -330,7 +331,8 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
         path: destination (a SavedModel directory, read through the link).
         overwrite: replace an existing model at `path` (atomically).
         verify: reload the written model and compare it with `model` on a
-            random batch before moving it into place.
+            random batch (for a feature model, `model.features.example()`)
+            before moving it into place.
 
     Returns:
         The path written.
@@ -417,7 +419,9 @@ def _random_batch(specs, size=3):
 def _verify(model, path, specs):
     import tensorflow as tf
 
-    batch = _random_batch(specs)
+    features = getattr(model, "features", None)
+    # Raw tabular inputs (strings, ids) need valid values, not random floats.
+    batch = features.example(3) if features is not None else _random_batch(specs)
     expected = model(batch, training=False)
     loaded = tf.saved_model.load(str(path))
     signature = loaded.signatures["serving_default"]

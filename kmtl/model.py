@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import re
 import warnings
 from typing import Sequence
 
@@ -9,6 +12,7 @@ import keras
 
 from kmtl import architectures, backend, logs
 from kmtl import heads as heads_module
+from kmtl import inputs as inputs_module
 from kmtl import trunks as trunks_module
 from kmtl import weighting as weighting_module
 from kmtl.callbacks import TrainingGuard
@@ -48,6 +52,57 @@ def _input_spec(input_shape, inputs):
     return spec, True
 
 
+#: Architectures that cannot read tabular features, and why.
+_NO_FEATURES = {
+    "task_routed": "routes a separate input to each task; features are one shared set of inputs",
+    "mtan": "attends over the feature maps of a conv trunk; encoded features are one flat vector",
+}
+
+
+def _feature_parts(builder, architecture, features, trunk, heads, options):
+    """`(raw inputs, Parts, the encoder's copy of the features)` of a model on tabular features.
+
+    The architecture is built on a placeholder for the encoded vector; the
+    `FeatureEncoder` is then put in front of its encoder, so that the shared
+    encoder maps the raw inputs to the representation and holds the
+    embedding tables (and, for chain encoders, is the first stage).
+    """
+    if architecture in _NO_FEATURES:
+        raise ValueError(
+            f"Architecture {architecture!r} cannot take `features`: it {_NO_FEATURES[architecture]}. "
+            f"Use one of {[a for a in architectures.names() if a not in _NO_FEATURES]}. "
+            f"Received: architecture={architecture!r}"
+        )
+    if trunk.kind == "conv":
+        raise ValueError(
+            "Tabular features are encoded into one flat vector, which a conv trunk cannot read; use a "
+            f"dense trunk (e.g. kmtl.trunks.dense((64, 32))). Received: trunk={trunk!r}"
+        )
+    # Keras layer names are unique in a model: an input named like a head (a
+    # decoder) or an encoder layer gets the layer name "<name>_input"; the
+    # dict key, used by data and signatures, stays the feature name.
+    reserved = {h.name for h in heads} | {"encoder", "feature_encoder", "encoded_features"}
+    raw = {
+        name: keras.Input(shape=shape, dtype=dtype, name=f"{name}_input" if name in reserved else name)
+        for name, (shape, dtype) in features.input_specs().items()
+    }
+    encode = inputs_module.FeatureEncoder(features, name="feature_encoder")
+    parts = builder(
+        keras.Input(shape=(features.output_dim,), name="encoded_features"), trunk, heads, **options
+    )
+    encoder = keras.Model(raw, parts.encoder(encode(raw)), name="encoder")
+    stages = [encode, *parts.stages] if parts.stages else None
+    return raw, dataclasses.replace(parts, encoder=encoder, stages=stages), encode.features
+
+
+#: Keras's in-graph error for a value outside a `num_oov_indices=0` vocabulary, and the
+#: lookup layer (`<feature>_lookup`, see `kmtl.inputs`) in the failing node's name.
+_OOV_ERROR = re.compile(
+    r"When `num_oov_indices=0` all inputs should be in vocabulary, found OOV values ([^\n]*?),"
+)
+_OOV_NODE = re.compile(r"feature_encoder(?:_\d+)?/([A-Za-z_][A-Za-z0-9_]*?)_lookup(?:_\d+)?/")
+
+
 @keras.saving.register_keras_serializable(package="kmtl")
 class MultiTaskModel(keras.Model):
     """A multi-task Keras model: shared encoder, one decoder and output per head.
@@ -72,6 +127,18 @@ class MultiTaskModel(keras.Model):
         architecture: a name from `kmtl.architectures.names()`.
         architecture_options: keyword arguments of the architecture builder.
         name: model name.
+        features: alternatively to `input_shape` and `inputs`, an adapted
+            `kmtl.inputs.Features`: the model takes one raw input per
+            feature (a dict keyed by feature name, shape `()` per example,
+            `(width,)` for multi-categorical features) and its encoder
+            starts with a `kmtl.inputs.FeatureEncoder`, so the embedding
+            tables are shared variables. `fit`, `evaluate` and `predict`
+            check the raw columns (`Features.standardize`).
+
+    Raises:
+        ValueError: for invalid heads, trunk, architecture or options; for
+            `features` together with `input_shape`/`inputs`, an unadapted
+            `features`, or an architecture or trunk that cannot read them.
     """
 
     def __init__(
@@ -83,18 +150,31 @@ class MultiTaskModel(keras.Model):
         architecture: str = "hard_sharing",
         architecture_options: dict | None = None,
         name: str = "multi_task_model",
+        features=None,
         **kwargs,
     ):
         # === Config ===
         head_list = heads_module.validate(heads)
         trunk = trunks_module.get(trunk)
-        spec, multi_input = _input_spec(input_shape, inputs)
+        if features is not None:
+            if input_shape is not None or inputs is not None:
+                raise ValueError(
+                    "`features` defines the model inputs: give it instead of `input_shape` and `inputs`. "
+                    f"Received: input_shape={input_shape!r}, inputs={inputs!r} and features"
+                )
+            features = inputs_module.get(features)
+            features.check_adapted("MultiTaskModel")
+            spec, multi_input = {name: shape for name, (shape, _) in features.input_specs().items()}, True
+        else:
+            spec, multi_input = _input_spec(input_shape, inputs)
         options = dict(architecture_options or {})
         builder = architectures.get(architecture)
 
         # === Functional Model ===
         head_names = {h.name for h in head_list}
-        if multi_input:
+        if features is not None:
+            model_inputs = None  # made by `_feature_parts`
+        elif multi_input:
             # Decoders are named after their heads, and Keras layer names must
             # be unique: an input keyed like a head gets the layer name
             # "<key>_input" (the dict key, used by data and signatures, stays).
@@ -105,7 +185,12 @@ class MultiTaskModel(keras.Model):
             model_inputs = keras.Input(shape=spec["image"], name="image")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="When providing `inputs` as a dict")
-            parts = builder(model_inputs, trunk, head_list, **options)
+            if features is not None:
+                model_inputs, parts, features = _feature_parts(
+                    builder, architecture, features, trunk, head_list, options
+                )
+            else:
+                parts = builder(model_inputs, trunk, head_list, **options)
             if set(parts.decoders) != head_names:
                 raise ValueError(
                     f"Architecture {architecture!r} returned decoders for {sorted(parts.decoders)} "
@@ -127,6 +212,8 @@ class MultiTaskModel(keras.Model):
         self.untrained_heads = tuple(parts.untrained)
         self._input_spec_config = {k: list(v) for k, v in spec.items()}
         self._multi_input = multi_input
+        #: The tabular input spec (`kmtl.inputs.Features`), or None.
+        self.features = features
         self._kmtl_weighting = None
         # The encoder as a chain of stages (None if it is not one): not tracked
         # again by Keras, the layers already belong to the encoder.
@@ -391,12 +478,68 @@ class MultiTaskModel(keras.Model):
         callbacks = list(callbacks or [])
         if not any(isinstance(c, TrainingGuard) for c in callbacks):
             callbacks.append(TrainingGuard())
-        with backend.translate_errors(self):
+        args, kwargs = self._standardize_features("fit", args, kwargs)
+        with self._feature_errors(), backend.translate_errors(self):
             return super().fit(*args, callbacks=callbacks, **kwargs)
 
     def evaluate(self, *args, **kwargs):
-        with backend.translate_errors(self):
+        """`keras.Model.evaluate`; a feature model checks its raw columns first."""
+        args, kwargs = self._standardize_features("evaluate", args, kwargs)
+        with self._feature_errors(), backend.translate_errors(self):
             return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        """`keras.Model.predict`; a feature model checks its raw columns first."""
+        args, kwargs = self._standardize_features("predict", args, kwargs)
+        with self._feature_errors():
+            return super().predict(*args, **kwargs)
+
+    # --- raw feature inputs --------------------------------------------------
+    def _standardize_features(self, method, args, kwargs):
+        """Checks (and converts) the `x` and `validation_data` inputs of a feature model.
+
+        Keras slices no NumPy string arrays, warns about and ignores unknown
+        dict keys, and fails on a wrong dtype deep in the graph: the spec's
+        `standardize` gives a `ValueError` naming the feature instead, and
+        turns string columns into tensors.
+        """
+        features = getattr(self, "features", None)
+        if features is None:
+            return args, kwargs
+        if args:
+            args = (features.standardize(args[0], method), *args[1:])
+        elif "x" in kwargs:
+            kwargs = {**kwargs, "x": features.standardize(kwargs["x"], method)}
+        validation = kwargs.get("validation_data")
+        if isinstance(validation, (tuple, list)) and validation:
+            x = features.standardize(validation[0], f"{method} (validation_data)")
+            kwargs = {**kwargs, "validation_data": (x, *validation[1:])}
+        elif validation is not None:
+            kwargs = {
+                **kwargs,
+                "validation_data": features.standardize(validation, f"{method} (validation_data)"),
+            }
+        return args, kwargs
+
+    @contextlib.contextmanager
+    def _feature_errors(self):
+        """Turns Keras's in-graph out-of-vocabulary error (`num_oov_indices=0`) into a `ValueError`."""
+        try:
+            yield
+        except Exception as error:
+            features = getattr(self, "features", None)
+            match = _OOV_ERROR.search(str(error))
+            if features is None or match is None:
+                raise
+            strict = [f.name for f in features if getattr(f, "num_oov_indices", 1) == 0]
+            node = _OOV_NODE.search(str(error))
+            named = [node.group(1)] if node is not None and node.group(1) in strict else strict
+            values = match.group(1).replace('\\"', '"')
+            raise ValueError(
+                f"Feature {' or '.join(repr(n) for n in named)} received a value outside its vocabulary: "
+                f"with num_oov_indices=0 unseen values are an error (num_oov_indices=1 maps them to a "
+                f"learned OOV embedding). Received: out-of-vocabulary values {values}"
+            ) from None
 
     # --- config --------------------------------------------------------------
     def get_config(self):
@@ -406,9 +549,10 @@ class MultiTaskModel(keras.Model):
             "heads": [keras.saving.serialize_keras_object(h) for h in self.heads],
             "trunk": keras.saving.serialize_keras_object(self.trunk),
             "input_shape": None if self._multi_input else inputs["image"],
-            "inputs": inputs if self._multi_input else None,
+            "inputs": inputs if self._multi_input and self.features is None else None,
             "architecture": self.architecture,
             "architecture_options": self.architecture_options,
+            "features": None if self.features is None else keras.saving.serialize_keras_object(self.features),
         }
 
     @classmethod
@@ -416,6 +560,8 @@ class MultiTaskModel(keras.Model):
         config = dict(config)
         config["heads"] = [keras.saving.deserialize_keras_object(h) for h in config["heads"]]
         config["trunk"] = keras.saving.deserialize_keras_object(config["trunk"])
+        if config.get("features") is not None:
+            config["features"] = inputs_module.get(config["features"])
         return cls(**config)
 
 
@@ -426,6 +572,7 @@ def build_model(
     inputs: dict | None = None,
     architecture: str = "hard_sharing",
     name: str = "multi_task_model",
+    features=None,
     **architecture_options,
 ) -> MultiTaskModel:
     """Builds a multi-task model from a trunk and heads.
@@ -433,16 +580,22 @@ def build_model(
     Args:
         heads: list of `kmtl.heads.Head` (their names become the output keys).
         trunk: a `kmtl.trunks.Trunk` or preset name; default `trunks.dense()`
-            for flat inputs and `trunks.conv()` for images.
+            for flat inputs and tabular features, `trunks.conv()` for images.
         input_shape: shape of one input, e.g. `(28, 28, 1)`.
         inputs: dict `{input_name: shape}` for several inputs.
         architecture: one of `kmtl.architectures.names()`.
         name: model name.
+        features: instead of `input_shape`/`inputs`, an adapted
+            `kmtl.inputs.Features`: the model takes the raw columns, one
+            input per feature (see `kmtl.inputs`).
         **architecture_options: options of the architecture builder (e.g.
             `num_experts` for MMoE).
 
     Returns:
         A `kmtl.MultiTaskModel` (uncompiled).
+
+    Raises:
+        ValueError: see `kmtl.MultiTaskModel`.
 
     Example:
 
@@ -456,7 +609,8 @@ def build_model(
     """
     if trunk is None:
         shape = input_shape if input_shape is not None else next(iter((inputs or {}).values()), ())
-        trunk = trunks_module.conv() if len(tuple(shape)) == 3 else trunks_module.dense()
+        flat = features is not None or len(tuple(shape)) != 3
+        trunk = trunks_module.dense() if flat else trunks_module.conv()
     return MultiTaskModel(
         heads=heads,
         trunk=trunk,
@@ -465,6 +619,7 @@ def build_model(
         architecture=architecture,
         architecture_options=architecture_options,
         name=name,
+        features=features,
     )
 
 
