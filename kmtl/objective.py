@@ -58,6 +58,11 @@ class TaskLosses:
         finite: `[T]` bool, True where the task's value is finite.
         regularization_share / regularization_value: the model's added losses
             (`model.losses`) for this replica / in total; `None` if none.
+        mean_weights: `[T]` how much this batch counts in each task's mean
+            over batches (the global denominator of its reduction: the sum of
+            its sample weights for `mean_with_sample_weight`, else its number
+            of loss values), so that an epoch's `<task>_loss` is the mean over
+            every labelled example of the epoch, whatever the batches held.
     """
 
     shares: object
@@ -67,6 +72,7 @@ class TaskLosses:
     finite: object
     regularization_share: object = None
     regularization_value: object = None
+    mean_weights: object = None
 
     def total_value(self):
         """Static-weighted total (plus regularization) of the global batch."""
@@ -82,8 +88,10 @@ class TaskMeans(keras.metrics.Metric):
 
     `result()` is `{key: mean}` for the `T` keys given, so the means appear in
     the logs under those keys (`<task>_loss`, `<task>_weight`). Two variables
-    (`totals` of shape `[T]` and `count`), one update per step whatever the
-    number of tasks.
+    (`totals` and `counts`, shape `[T]`), one update per step whatever the
+    number of tasks. `sample_weight` is one weight for every task or a `[T]`
+    vector (a batch that labels task `t` for `n_t` examples counts `n_t` in
+    its mean).
 
     Args:
         keys: the `T` log keys, in task order.
@@ -103,20 +111,64 @@ class TaskMeans(keras.metrics.Metric):
         if not self.keys or len(set(self.keys)) != len(self.keys):
             raise ValueError(f"TaskMeans needs distinct keys. Received: keys={list(keys)!r}")
         self.totals = self.add_variable(shape=(len(self.keys),), initializer="zeros", name="totals")
-        self.count = self.add_variable(shape=(), initializer="zeros", name="count")
+        self.counts = self.add_variable(shape=(len(self.keys),), initializer="zeros", name="counts")
 
     def update_state(self, values, sample_weight=None):
         values = ops.reshape(ops.cast(values, self.dtype), (len(self.keys),))
         weight = ops.cast(1.0 if sample_weight is None else sample_weight, self.dtype)
-        self.totals.assign_add(values * weight)
-        self.count.assign_add(weight)
+        weight = ops.broadcast_to(weight, (len(self.keys),))
+        # A value that does not count (weight 0) may be anything, even NaN.
+        self.totals.assign_add(ops.where(weight > 0, values * weight, ops.zeros_like(values)))
+        self.counts.assign_add(weight)
+
+    def means(self):
+        """The `[T]` means (0 where nothing was counted)."""
+        return ops.divide_no_nan(self.totals, self.counts)
 
     def result(self):
-        means = ops.divide_no_nan(self.totals, self.count)
+        means = self.means()
         return {key: means[i] for i, key in enumerate(self.keys)}
 
     def get_config(self):
         return {**super().get_config(), "keys": list(self.keys)}
+
+
+@keras.saving.register_keras_serializable(package="kmtl")
+class TaskTotal(TaskMeans):
+    """`sum_t coefficient_t * mean_t` of `TaskMeans`, logged under one key.
+
+    The objective's `loss`: the static-weighted sum of the tasks' means over
+    the epoch (each over its labelled examples) plus the mean regularization,
+    so that it equals the total of the `<task>_loss` values it logs.
+
+    Args:
+        keys: one name per term (for the config; the log shows only `name`).
+        coefficients: the `T` coefficients.
+        name: the log key.
+
+    Example:
+
+    >>> total = TaskTotal(["a", "b"], [1.0, 0.5], name="loss")
+    >>> total.update_state([2.0, 4.0], sample_weight=[1.0, 3.0])
+    >>> float(total.result()["loss"])
+    4.0
+    """
+
+    def __init__(self, keys, coefficients, name="loss", dtype=None):
+        super().__init__(keys, name=name, dtype=dtype)
+        self.coefficients = [float(c) for c in coefficients]
+        if len(self.coefficients) != len(self.keys):
+            raise ValueError(
+                f"TaskTotal needs one coefficient per key. Received: keys={self.keys}, "
+                f"coefficients={self.coefficients}"
+            )
+
+    def result(self):
+        coefficients = ops.convert_to_tensor(self.coefficients, self.dtype)
+        return {self.name: ops.sum(coefficients * self.means())}
+
+    def get_config(self):
+        return {**super().get_config(), "coefficients": list(self.coefficients)}
 
 
 def _check_weight(name, value) -> float:
@@ -199,7 +251,12 @@ class TaskObjective:
         weights = dict(loss_weights or {})
         self.static_weights = [_check_weight(n, weights.get(n, 1.0)) for n in self.task_names]
         self.validate_targets = bool(validate_targets)
-        self.total_tracker = keras.metrics.Mean(name="loss")
+        # `loss`: the static-weighted sum of the task means (and the mean regularization).
+        self.total_tracker = TaskTotal(
+            [logs.key(n, "loss") for n in self.task_names] + ["regularization"],
+            self.static_weights + [1.0],
+            name="loss",
+        )
         # One tracker per quantity for all tasks (not one per task): a step's
         # bookkeeping does not grow by a metric update per head.
         self.loss_tracker = TaskMeans([logs.key(n, "loss") for n in self.task_names], name="task_losses")
@@ -297,7 +354,7 @@ class TaskObjective:
             y_pred: `{head: prediction}`.
             regularization: the model's added losses (`model.losses`).
         """
-        local_sums, denominators, counts = [], [], []
+        local_sums, denominators, counts, sizes = [], [], [], []
         replicas = backend.num_replicas()
         for name in self.task_names:
             task_loss = self._losses[name]
@@ -323,9 +380,14 @@ class TaskObjective:
             else:
                 denominators.append(size)
             counts.append(count)
+            sizes.append(weight_total if task_loss.reduction == "mean_with_sample_weight" else size)
         local = ops.stack(local_sums)
-        stats = ops.stack([ops.stop_gradient(local), ops.stack(denominators), ops.stack(counts)])
-        total_sum, total_denominator, total_count = ops.unstack(backend.sum_over_replicas(stats), axis=0)
+        stats = ops.stack(
+            [ops.stop_gradient(local), ops.stack(denominators), ops.stack(counts), ops.stack(sizes)]
+        )
+        total_sum, total_denominator, total_count, total_size = ops.unstack(
+            backend.sum_over_replicas(stats), axis=0
+        )
         safe = ops.where(total_denominator > 0, total_denominator, ops.ones_like(total_denominator))
         static = ops.convert_to_tensor(self.static_weights, "float32")
         raw_values = total_sum / safe
@@ -344,6 +406,7 @@ class TaskObjective:
             finite=ops.isfinite(values),
             regularization_share=reg_share,
             regularization_value=None if reg_value is None else ops.stop_gradient(reg_value),
+            mean_weights=total_size,
         )
 
     # --- trackers ----------------------------------------------------------
@@ -363,8 +426,16 @@ class TaskObjective:
         def clean(value):
             return value if accept is None else ops.where(accept, value, ops.zeros_like(value))
 
-        self.total_tracker.update_state(clean(losses.total_value()), sample_weight=batch)
-        self.loss_tracker.update_state(clean(losses.raw_values), sample_weight=batch)
+        weights = ops.cast(losses.mean_weights, "float32")
+        if accept is not None:
+            weights = ops.where(accept, weights, ops.zeros_like(weights))
+        regularization = losses.regularization_value
+        regularization = ops.zeros((1,)) if regularization is None else ops.reshape(regularization, (1,))
+        self.total_tracker.update_state(
+            ops.concatenate([clean(losses.raw_values), clean(regularization)]),
+            sample_weight=ops.concatenate([weights, ops.reshape(batch, (1,))]),
+        )
+        self.loss_tracker.update_state(clean(losses.raw_values), sample_weight=weights)
         if task_weights is not None:
             self.weight_tracker.update_state(clean(task_weights), sample_weight=batch)
 
@@ -374,4 +445,4 @@ class TaskObjective:
         return dict(self.loss_identifiers)
 
 
-__all__ = ["TaskLosses", "TaskMeans", "TaskObjective"]
+__all__ = ["TaskLosses", "TaskMeans", "TaskObjective", "TaskTotal"]

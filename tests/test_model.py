@@ -252,6 +252,26 @@ def test_metrics_skip_examples_whose_label_is_missing():
     )
 
 
+def test_epoch_losses_are_means_over_the_labelled_examples_whatever_the_batches_hold():
+    # Unshuffled evaluation: the labelled parity examples all sit in the first
+    # batch. The epoch's parity_loss must be their mean, not a mean of batch
+    # means diluted by the batches that label nothing.
+    x, y = _data(48, seed=4)
+    model = _model(loss_weights={"parity": 0.5})
+    mask = np.r_[np.ones(12), np.zeros(36)].astype("float32")
+    weights = {"digit": np.ones(48, "float32"), "parity": mask}
+    logs = model.evaluate(x, y, sample_weight=weights, batch_size=16, return_dict=True, verbose=0)
+    out = model.predict(x, verbose=0)
+    p = np.clip(out["parity"].ravel()[:12].astype("float64"), 1e-7, 1 - 1e-7)
+    label = y["parity"][:12]
+    parity = float(np.mean(-(label * np.log(p) + (1 - label) * np.log(1 - p))))
+    assert logs["parity_loss"] == pytest.approx(parity, rel=1e-4)
+    assert logs["loss"] == pytest.approx(logs["digit_loss"] + 0.5 * parity, rel=1e-4)
+    whole = model.evaluate(x, y, sample_weight=weights, batch_size=48, return_dict=True, verbose=0)
+    for key in ("parity_loss", "digit_loss", "loss"):
+        assert logs[key] == pytest.approx(whole[key], rel=1e-4), key
+
+
 @pytest.mark.parametrize("strategy", [None, "sum"])
 def test_non_finite_loss_stops_with_task_name(strategy):
     x, y = _data(32, tasks=("digit", "value"))
