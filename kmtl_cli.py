@@ -23,9 +23,20 @@ import os
 import sys
 
 PROG = "kmtl"
-DATASETS = ("digits", "mnist", "fashion_mnist", "multimnist", "multifashion", "multi_fashion_mnist")
+DATASETS = (
+    "digits",
+    "mnist",
+    "fashion_mnist",
+    "multimnist",
+    "multifashion",
+    "multi_fashion_mnist",
+    "movielens",
+    "movielens/temporal",
+)
+#: Datasets of raw feature rows (whole splits: no --train-limit or sliced splits).
+RECOMMENDER_DATASETS = ("movielens", "movielens/temporal")
 SOURCES = ("auto", "local", "tfds")
-BENCHMARK_DATASETS = ("multimnist", "multifashion", "multi_fashion_mnist")
+BENCHMARK_DATASETS = ("multimnist", "multifashion", "multi_fashion_mnist", "movielens")
 VERBOSITY = (0, 1, 2)
 
 #: Option defaults of `kmtl train` (also the keys a --config file may use).
@@ -70,6 +81,8 @@ DEFAULT_TASKS = {
     "multimnist": "left,right",
     "multifashion": "left,right",
     "multi_fashion_mnist": "left,right",
+    "movielens": "rating,liked,watched",
+    "movielens/temporal": "rating,liked,watched",
 }
 #: Option defaults of `kmtl evaluate` when the run has no `config.json`.
 EVALUATE_DEFAULTS = {
@@ -127,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--architecture", help="e.g. hard_sharing, mmoe (default: hard_sharing)")
     train.add_argument(
         "--trunk",
-        help="lenet, conv or dense (default: conv; lenet for multimnist, multifashion, multi_fashion_mnist)",
+        help=(
+            "lenet, conv, dense or dense:<sizes> such as dense:64,32 (default: conv; lenet for multimnist, "
+            "multifashion, multi_fashion_mnist; dense:64,32 for movielens)"
+        ),
     )
     train.add_argument("--optimizer", help="a Keras optimizer name (default: adam)")
     train.add_argument("--learning-rate", dest="learning_rate", help="finite number > 0 (default: 0.001)")
@@ -192,20 +208,27 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Train single-task baselines, a static-weight sweep (chosen on a validation split) and "
             "the strategies on a two-object dataset with MultiLeNet, several seeds, and write "
-            "<out>/benchmark-<dataset>-<budget>/ (table.md, results.json, tradeoff.png). Every run is "
-            "cached: a repeated or interrupted benchmark trains only what is missing."
+            "<out>/benchmark-<dataset>-<budget>/ (table.md, results.json, tradeoff.png); for movielens, "
+            "single-task baselines and every architecture x strategy on MovieLens 100K (table.md, "
+            "results.json). Every run is cached: a repeated or interrupted benchmark trains only what "
+            "is missing."
         ),
         allow_abbrev=False,
     )
     bench.add_argument("dataset", choices=BENCHMARK_DATASETS)
     bench.add_argument(
-        "--quick", action="store_true", help="1 epoch x 1 seed (within 15 minutes on 2 CPU cores)"
+        "--quick",
+        action="store_true",
+        help="1 epoch x 1 seed, within 15 minutes on 2 CPU cores",
     )
-    bench.add_argument("--epochs", help="override the budget's epochs (full: 10)")
+    bench.add_argument("--epochs", help="override the budget's epochs (full: 10; movielens: 4)")
     bench.add_argument("--seeds", help="override the budget's seeds, e.g. 0,1,2 (full: 0,1,2)")
     bench.add_argument("--train-limit", dest="train_limit", help="train on the first N training images")
     bench.add_argument(
         "--strategies", help="comma-separated subset, e.g. equal,mgda_ub,pcgrad (default: all)"
+    )
+    bench.add_argument(
+        "--architectures", help="movielens only: comma-separated subset, e.g. mmoe,esmm (default: all)"
     )
     bench.add_argument("--out", help="parent directory of the runs (default: saved_models)")
     bench.add_argument("--source", choices=SOURCES, help="where the data comes from (default: auto)")
@@ -616,6 +639,18 @@ def check_train_options(options: dict, flags: bool = True) -> dict:
             )
         if len(weights) == len(options["tasks"]) and not any(weights.values()):
             raise UsageError(f"{weights_label} are all 0: nothing would be trained. Received: {weights!r}")
+    if options["dataset"] in RECOMMENDER_DATASETS:
+        sliced = [
+            key
+            for key in ("train_limit", "train_split", "validation", "test_split")
+            if options.get(key) is not None and (key == "train_limit" or "[" in str(options[key]))
+        ]
+        if sliced:
+            raise UsageError(
+                f"{options['dataset']} trains and tests on whole splits (a slice would cut the sampled "
+                f"negatives from their ratings); drop {sliced}. Received: "
+                + ", ".join(f"{key}={options[key]!r}" for key in sliced)
+            )
     if options.get("train_split") is not None:
         if options["train_limit"] is not None:
             raise UsageError(
@@ -732,6 +767,21 @@ def benchmark_options(args) -> dict:
         "train_limit": None,
         "strategies": None,
     }
+    if args.dataset in RECOMMENDER_DATASETS:
+        if args.train_limit is not None:
+            raise UsageError(
+                f"--train-limit does not apply to {args.dataset} (whole splits). Received: --train-limit "
+                f"{args.train_limit}"
+            )
+        del options["train_limit"], options["dataset"]
+        options["architectures"] = None
+        if args.architectures is not None:
+            options["architectures"] = _names("--architectures", args.architectures)
+    elif args.architectures is not None:
+        raise UsageError(
+            f"--architectures applies to the movielens benchmark only (the image benchmarks use hard "
+            f"sharing). Received: --architectures {args.architectures} for {args.dataset}"
+        )
     if args.epochs is not None:
         options["epochs"] = _integer("--epochs", args.epochs, True, minimum=1, what="a positive integer")
     if args.train_limit is not None:
@@ -741,13 +791,17 @@ def benchmark_options(args) -> dict:
     if args.seeds is not None:
         options["seeds"] = _seeds("--seeds", args.seeds, True)
     if args.strategies is not None:
-        names = [part.strip() for part in args.strategies.split(",")]
-        if not all(names):
-            raise UsageError(f"--strategies must be comma-separated names. Received: {args.strategies!r}")
-        options["strategies"] = names
+        options["strategies"] = _names("--strategies", args.strategies)
     if os.path.exists(options["out"]) and not os.path.isdir(options["out"]):
         raise UsageError(f"--out {options['out']} exists and is not a directory")
     return options
+
+
+def _names(flag: str, text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",")]
+    if not all(names):
+        raise UsageError(f"{flag} must be comma-separated names. Received: {text!r}")
+    return names
 
 
 def parse(argv=None) -> tuple[str, dict]:

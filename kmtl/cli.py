@@ -7,6 +7,7 @@
     kmtl evaluate saved_models/<run>/model.keras     # the run's dataset and tasks
     kmtl export saved_models/<run>/model.keras saved_models/<run>/served
     kmtl benchmark multimnist --quick   # single-task, tuned static weights, 9 strategies: table + plot
+    kmtl benchmark movielens --quick    # single-task, 5 architectures x 3 strategies on MovieLens 100K
 
 A run writes `saved_models/<run-name>/`: `saved_model` (TF SavedModel),
 `model.keras`, `history.json`, `metrics.json`, `metrics.md`, `curves.png`
@@ -70,12 +71,21 @@ def _evaluate(options) -> int:
             )
         tasks = list(options["tasks"])
     dataset = options["dataset"]
-    expected = tuple(data.input_shape(dataset))
-    if len(model.inputs) == 1 and tuple(model.inputs[0].shape[1:]) != expected:
+    if (dataset in data.RECOMMENDER_DATASETS) != (model.features is not None):
         raise UsageError(
-            f"{options['model']} takes inputs of shape {tuple(model.inputs[0].shape[1:])}, but dataset "
-            f"{dataset!r} has images of shape {expected}; pass the --dataset it was trained on"
+            f"{options['model']} takes "
+            + ("raw feature columns" if model.features is not None else "images")
+            + f", but dataset {dataset!r} has "
+            + ("feature rows" if dataset in data.RECOMMENDER_DATASETS else "images")
+            + "; pass the --dataset it was trained on"
         )
+    if model.features is None:
+        expected = tuple(data.input_shape(dataset))
+        if len(model.inputs) == 1 and tuple(model.inputs[0].shape[1:]) != expected:
+            raise UsageError(
+                f"{options['model']} takes inputs of shape {tuple(model.inputs[0].shape[1:])}, but dataset "
+                f"{dataset!r} has images of shape {expected}; pass the --dataset it was trained on"
+            )
     source = f" (dataset, tasks and data settings from {run_config})" if run_config else ""
     print(f"kmtl: evaluating {options['model']} on {dataset} {options['split']}, tasks {tasks}{source}")
     test = data.task_dataset(
@@ -100,9 +110,12 @@ def _export(options) -> int:
 
 
 def _benchmark(options) -> int:
-    from kmtl import benchmark
+    from kmtl import benchmark, benchmark_movielens
 
-    benchmark.run(**options)
+    if "dataset" in options:
+        benchmark.run(**options)
+    else:  # movielens (its options have no dataset and no train_limit)
+        benchmark_movielens.run(**options)
     return 0
 
 

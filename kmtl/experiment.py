@@ -334,18 +334,29 @@ def _seed_options(config: dict, seed: int, run_dir: Path) -> dict:
 def _build(options):
     import kmtl
 
-    shape = data.input_shape(options["dataset"])
+    dataset = options["dataset"]
+    heads = data.task_heads(dataset, options["tasks"])
     trunk = options["trunk"]
-    if trunk is None and options["dataset"] in data.COMPOSITE_DATASETS:
-        trunk = trunks.lenet()  # the MultiLeNet of Sener & Koltun's recipe
-    elif trunk is None:
-        trunk = trunks.conv((16, 32), (64,)) if shape[0] <= 8 else trunks.conv((32, 64), (128,))
+    if dataset in data.RECOMMENDER_DATASETS:
+        # Raw user and item columns, encoded inside the model; adapted on the training ratings.
+        inputs = dict(
+            features=data.movielens_features(
+                split_scheme=data.RECOMMENDER_DATASETS[dataset],
+                source=options["source"],
+                data_dir=options["data_dir"],
+            )
+        )
+        trunk = trunks.get(trunk or "dense:64,32")
     else:
-        trunk = trunks.get(trunk)
-    heads = data.task_heads(options["dataset"], options["tasks"])
-    model = kmtl.build_model(
-        heads=heads, trunk=trunk, input_shape=shape, architecture=options["architecture"]
-    )
+        shape = data.input_shape(dataset)
+        inputs = dict(input_shape=shape)
+        if trunk is None and dataset in data.COMPOSITE_DATASETS:
+            trunk = trunks.lenet()  # the MultiLeNet of Sener & Koltun's recipe
+        elif trunk is None:
+            trunk = trunks.conv((16, 32), (64,)) if shape[0] <= 8 else trunks.conv((32, 64), (128,))
+        else:
+            trunk = trunks.get(trunk)
+    model = kmtl.build_model(heads=heads, trunk=trunk, architecture=options["architecture"], **inputs)
     optimizer = _optimizer(options)
     weighting = options["weighting"]
     if isinstance(weighting, dict):  # {"name": strategy, option: value} from a config file

@@ -12,7 +12,8 @@
   Multi-(Fashion+MNIST), two objects per image (module `kmtl.data.recipes`).
 - `mix({task: dataset})`: single-task datasets mixed into masked
   multi-task batches.
-- `load_movielens`, `movielens_arrays`, `movielens_tasks`: MovieLens 100K tasks.
+- `load_movielens`, `movielens_arrays`, `movielens_tasks`, `movielens_features`:
+  MovieLens 100K tasks and the feature spec of their raw columns.
 
 Example:
 
@@ -24,7 +25,13 @@ Example:
 from kmtl.data import emnist, recipes
 from kmtl.data.idx import IDXError, read_idx, write_idx
 from kmtl.data.mixing import mix
-from kmtl.data.movielens import load_movielens, movielens_arrays, movielens_available, movielens_tasks
+from kmtl.data.movielens import (
+    load_movielens,
+    movielens_arrays,
+    movielens_available,
+    movielens_features,
+    movielens_tasks,
+)
 from kmtl.data.recipes import multi_mnist, multi_mnist_arrays
 from kmtl.data.sources import DATASETS, SOURCES, available, clear_cache, data_dir, load_arrays, parse_split
 from kmtl.data.task_specs import (
@@ -32,6 +39,7 @@ from kmtl.data.task_specs import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_GROUP_OF_CLASS,
     FASHION_MNIST_GROUPS,
+    RECOMMENDER_DATASETS,
     available_tasks,
     class_names,
     input_shape,
@@ -41,6 +49,7 @@ from kmtl.data.tasks import digits_tasks, emnist_tasks, fashion_tasks, mnist_tas
 
 __all__ = [
     "COMPOSITE_DATASETS",
+    "RECOMMENDER_DATASETS",
     "DATASETS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_GROUPS",
@@ -63,6 +72,7 @@ __all__ = [
     "mnist_tasks",
     "movielens_arrays",
     "movielens_available",
+    "movielens_features",
     "movielens_tasks",
     "multi_mnist",
     "multi_mnist_arrays",

@@ -100,6 +100,7 @@ __all__ = [
     "load_movielens",
     "movielens_arrays",
     "movielens_available",
+    "movielens_features",
     "movielens_tasks",
 ]
 
@@ -1289,3 +1290,71 @@ def movielens_tasks(
     if batch_size is None:
         pipeline = pipeline.unbatch().apply(tf.data.experimental.assert_cardinality(num_rows))
     return pipeline.prefetch(tf.data.AUTOTUNE)
+
+
+def movielens_features(
+    embedding_dim: int = 16,
+    adapt: bool = True,
+    split_scheme: str = "random",
+    source: str = "auto",
+    data_dir: str | os.PathLike | None = None,
+    tfds_data_dir: str | os.PathLike | None = None,
+):
+    """The `kmtl.inputs.Features` of the MovieLens columns (`FEATURE_NAMES`).
+
+    | column       | encoding                                                        |
+    |--------------|-----------------------------------------------------------------|
+    | `user_id`    | `categorical`, `embedding_dim` (one OOV embedding)              |
+    | `item_id`    | `categorical`, `embedding_dim` (one OOV embedding)              |
+    | `age`        | `numeric` (normalised)                                          |
+    | `gender`     | `categorical`, 2                                                |
+    | `occupation` | `categorical`, 4                                                |
+    | `zip_prefix` | `hashed` into 128 bins, 4                                       |
+    | `year`       | `bucketized` into 10 quantile bins, 4                           |
+    | `genres`     | `multi_categorical` (width `MAX_GENRES`), 8, mean of the genres |
+
+    With `adapt`, the vocabularies and statistics come from the observed
+    ratings of the training split (split seed 0, `split_scheme`): an item
+    rated only in the test split is out of vocabulary, as a new item is in
+    production, and nothing is learned from the test split.
+
+    Args:
+        embedding_dim: width of the user and item embeddings.
+        adapt: adapt on the training ratings (else return the spec unadapted).
+        split_scheme, source, data_dir, tfds_data_dir: as in `movielens_arrays`.
+
+    Returns:
+        A `kmtl.inputs.Features` (adapted when `adapt`).
+
+    Example:
+
+    >>> features = kmtl.data.movielens_features()  # doctest: +SKIP
+    >>> model = kmtl.build_model(heads=kmtl.data.task_heads("movielens", ["rating", "watched"]),
+    ...                          trunk="dense:64,32", features=features)  # doctest: +SKIP
+    """
+    from kmtl import inputs
+
+    spec = inputs.Features(
+        [
+            inputs.categorical("user_id", embedding_dim=embedding_dim),
+            inputs.categorical("item_id", embedding_dim=embedding_dim),
+            inputs.numeric("age"),
+            inputs.categorical("gender", embedding_dim=2),
+            inputs.categorical("occupation", embedding_dim=4),
+            inputs.hashed("zip_prefix", num_bins=128, embedding_dim=4),
+            inputs.bucketized("year", num_bins=10, embedding_dim=4),
+            inputs.multi_categorical("genres", width=MAX_GENRES, embedding_dim=8, combiner="mean"),
+        ]
+    )
+    if adapt:
+        features, _, _ = movielens_arrays(
+            ["rating"],
+            "train",
+            split_scheme=split_scheme,
+            seed=0,
+            source=source,
+            data_dir=data_dir,
+            tfds_data_dir=tfds_data_dir,
+        )
+        spec.adapt(features)
+    return spec
