@@ -1,8 +1,8 @@
 """Runs every notebook top to bottom with small settings (KMTL_FAST=1).
 
-Notebooks 01-03 fall back to the bundled digits without MNIST; 04 is about
-the real MNIST / Fashion-MNIST files and is skipped, with the reason, when
-they are not under `$KMTL_DATA_DIR`.
+Notebooks 01-03 and 05 fall back to the bundled digits without MNIST; 04 is
+about the real MNIST / Fashion-MNIST files and 06 about MovieLens 100K: each
+is skipped, with the reason, when its files are not under `$KMTL_DATA_DIR`.
 """
 
 import os
@@ -11,14 +11,20 @@ from pathlib import Path
 import pytest
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
-NEEDS_DATA = {"04_data.ipynb": ("mnist", "fashion_mnist")}
+NEEDS_DATA = {"04_data.ipynb": ("mnist", "fashion_mnist"), "06_recommender.ipynb": ("movielens",)}
+
+
+def _available(kmtl, dataset):
+    if dataset == "movielens":
+        return kmtl.data.movielens_available()
+    return kmtl.data.available(dataset)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
     import kmtl
 
-    missing = [d for d in NEEDS_DATA.get(path.name, ()) if not kmtl.data.available(d)]
+    missing = [d for d in NEEDS_DATA.get(path.name, ()) if not _available(kmtl, d)]
     if missing:
         pytest.skip(f"{path.name} needs {missing} under $KMTL_DATA_DIR (see the README, Data)")
     nbformat = pytest.importorskip("nbformat")
