@@ -128,21 +128,28 @@ def _budget(quick: bool, epochs, seeds, train_limit) -> tuple[str, dict]:
     return name, budget
 
 
-def _check_strategies(strategies) -> dict:
-    if strategies is None:
-        return dict(STRATEGIES)
-    if isinstance(strategies, str) or not strategies:
+def choose(names, known: dict, what: str, default: dict | None = None) -> dict:
+    """`{name: known[name]}` for the chosen `names` (None: `default`, else all of `known`).
+
+    Raises:
+        ValueError: for a string, an empty list or a name not in `known`.
+    """
+    if names is None:
+        return dict(known if default is None else default)
+    if isinstance(names, str) or not names:
         raise ValueError(
-            f"`strategies` must be a non-empty list of names from {list(STRATEGIES)}. "
-            f"Received: strategies={strategies!r}"
+            f"`{what}` must be a non-empty list of names from {list(known)}. Received: {what}={names!r}"
         )
-    unknown = [s for s in strategies if s not in STRATEGIES]
+    unknown = [name for name in names if name not in known]
     if unknown:
         raise ValueError(
-            f"Unknown benchmark strategy(ies) {unknown}; the strategies are {list(STRATEGIES)}. "
-            f"Received: strategies={list(strategies)!r}"
+            f"Unknown benchmark {what} {unknown}; the {what} are {list(known)}. Received: {what}={list(names)!r}"
         )
-    return {s: STRATEGIES[s] for s in strategies}
+    return {name: known[name] for name in names}
+
+
+def _check_strategies(strategies) -> dict:
+    return choose(strategies, STRATEGIES, "strategies")
 
 
 def _percent(row: dict, task: str) -> float:

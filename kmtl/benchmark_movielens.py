@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 from kmtl import baselines, delta, experiment
+from kmtl.benchmark import choose
 
 __all__ = ["ARCHITECTURES", "BUDGETS", "EXTRA_STRATEGIES", "REFERENCE", "STRATEGIES", "Benchmark", "run"]
 
@@ -83,21 +84,6 @@ class Benchmark:
 
     def __str__(self) -> str:
         return self.table
-
-
-def _check_names(value, known: dict, what: str) -> dict:
-    if value is None:
-        return dict(known)
-    if isinstance(value, str) or not value:
-        raise ValueError(
-            f"`{what}` must be a non-empty list of names from {list(known)}. Received: {what}={value!r}"
-        )
-    unknown = [name for name in value if name not in known]
-    if unknown:
-        raise ValueError(
-            f"Unknown benchmark {what} {unknown}; the {what} are {list(known)}. Received: {what}={list(value)!r}"
-        )
-    return {name: known[name] for name in value}
 
 
 def _columns(values: dict) -> dict:
@@ -184,10 +170,10 @@ def run(
         ValueError: for an unknown architecture or strategy, or a bad budget.
         FileNotFoundError: when MovieLens 100K cannot be found.
     """
-    chosen_architectures = _check_names(architectures, ARCHITECTURES, "architectures")
-    chosen_strategies = _check_names(strategies, {**STRATEGIES, **EXTRA_STRATEGIES}, "strategies")
-    if strategies is None:
-        chosen_strategies = dict(STRATEGIES)
+    chosen_architectures = choose(architectures, ARCHITECTURES, "architectures")
+    chosen_strategies = choose(
+        strategies, {**STRATEGIES, **EXTRA_STRATEGIES}, "strategies", default=STRATEGIES
+    )
     budget_name = "quick" if quick else "full"
     budget = dict(BUDGETS[budget_name])
     if epochs is not None:

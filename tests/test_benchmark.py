@@ -72,8 +72,10 @@ def test_benchmark_writes_its_table_results_and_plot_and_then_reuses_every_run(t
         (["benchmark", "multimnist", "--strategies", "equal,"], "--strategies must be comma-separated"),
         (
             ["benchmark", "multimnist", "--strategies", "equal,nope"],
-            "Unknown benchmark strategy(ies) ['nope']",
+            "Unknown benchmark strategies ['nope']",
         ),
+        (["benchmark", "movielens", "--train-limit", "10"], "--train-limit does not apply to movielens"),
+        (["benchmark", "multimnist", "--architectures", "mmoe"], "--architectures applies to the movielens"),
     ],
 )
 def test_bad_benchmark_options_exit_2_naming_the_option(argv, message, capsys):

@@ -318,7 +318,7 @@ def test_size_bound_applies_to_every_file(recbole_root, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"tasks": ["rating", "clicks"]}, r"Unknown MovieLens task\(s\) \['clicks'\]"),
+        ({"tasks": ["rating", "clicks"]}, r"Unknown task\(s\) \['clicks'\] for MovieLens"),
         ({"tasks": []}, "non-empty list"),
         ({"tasks": ["liked", "liked"]}, "Duplicate task names"),
         ({"split": "validation"}, r"\['train', 'test', 'all'\]. Received: split='validation'"),

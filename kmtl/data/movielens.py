@@ -936,22 +936,9 @@ def load_movielens(
 
 
 def _check_tasks(tasks) -> list[str]:
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(tasks) if isinstance(tasks, (list, tuple)) else tasks
-    if not isinstance(tasks, list) or not tasks:
-        raise ValueError(
-            f"`tasks` must be a non-empty list of task names from {list(TASKS)}. Received: tasks={tasks!r}"
-        )
-    unknown = [task for task in tasks if task not in TASKS]
-    if unknown:
-        raise ValueError(
-            f"Unknown MovieLens task(s) {unknown}; available tasks: {list(TASKS)}. Received: tasks={tasks!r}"
-        )
-    duplicates = sorted({task for task in tasks if tasks.count(task) > 1})
-    if duplicates:
-        raise ValueError(f"Duplicate task names {duplicates}; list each task once. Received: tasks={tasks!r}")
-    return tasks
+    from kmtl.data.task_specs import check_task_names
+
+    return check_task_names(tasks, TASKS, "MovieLens")
 
 
 def _check_options(split, split_scheme, test_fraction, negatives, seed):

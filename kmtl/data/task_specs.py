@@ -188,25 +188,36 @@ def class_names(dataset: str, task: str) -> list[str]:
     return [str(digit) for digit in range(10)]
 
 
-def _check_tasks(dataset: str, tasks) -> dict[str, _Task]:
-    available = _tasks_of(dataset)
+def check_task_names(tasks, available, where: str) -> list[str]:
+    """`tasks` as a list, or a ValueError: not a non-empty list, unknown or repeated names.
+
+    Args:
+        tasks: a task name or a list/tuple of them.
+        available: the known task names, in their order.
+        where: how the message names the dataset, e.g. `"dataset 'mnist'"`.
+    """
+    available = list(available)
     if isinstance(tasks, str):
         tasks = [tasks]
     tasks = list(tasks) if isinstance(tasks, (list, tuple)) else tasks
     if not isinstance(tasks, list) or not tasks:
         raise ValueError(
-            f"`tasks` must be a non-empty list of task names from {list(available)}. Received: tasks={tasks!r}"
+            f"`tasks` must be a non-empty list of task names from {available}. Received: tasks={tasks!r}"
         )
     unknown = [task for task in tasks if task not in available]
     if unknown:
         raise ValueError(
-            f"Unknown task(s) {unknown} for dataset {dataset!r}; available tasks: {list(available)}. "
-            f"Received: tasks={tasks!r}"
+            f"Unknown task(s) {unknown} for {where}; available tasks: {available}. Received: tasks={tasks!r}"
         )
     duplicates = sorted({task for task in tasks if tasks.count(task) > 1})
     if duplicates:
         raise ValueError(f"Duplicate task names {duplicates}; list each task once. Received: tasks={tasks!r}")
-    return {task: available[task] for task in tasks}
+    return tasks
+
+
+def _check_tasks(dataset: str, tasks) -> dict[str, _Task]:
+    available = _tasks_of(dataset)
+    return {task: available[task] for task in check_task_names(tasks, available, f"dataset {dataset!r}")}
 
 
 def task_heads(dataset: str, tasks: Sequence[str]) -> list:
