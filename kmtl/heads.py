@@ -73,15 +73,24 @@ class Head:
     def output_activation(self) -> str:
         raise NotImplementedError
 
-    def __call__(self, features):
-        """Applies the head's tower and output layer to `features`."""
+    def tower(self, features, prefix: str | None = None):
+        """Applies the head's own tower (flatten, `hidden_units`, dropout) to `features`.
+
+        Layers are named `<prefix>_hidden_<i>` (`prefix` defaults to the head's name).
+        """
+        prefix = prefix or self.name
         x = features
         if len(x.shape) > 2:
-            x = keras.layers.Flatten(name=f"{self.name}_flatten")(x)
+            x = keras.layers.Flatten(name=f"{prefix}_flatten")(x)
         for i, units in enumerate(self.hidden_units):
-            x = keras.layers.Dense(units, activation=self.activation, name=f"{self.name}_hidden_{i}")(x)
+            x = keras.layers.Dense(units, activation=self.activation, name=f"{prefix}_hidden_{i}")(x)
             if self.dropout:
-                x = keras.layers.Dropout(self.dropout, name=f"{self.name}_dropout_{i}")(x)
+                x = keras.layers.Dropout(self.dropout, name=f"{prefix}_dropout_{i}")(x)
+        return x
+
+    def __call__(self, features):
+        """Applies the head's tower and output layer to `features`."""
+        x = self.tower(features)
         return keras.layers.Dense(
             self.units,
             activation=self.output_activation(),

@@ -41,13 +41,7 @@ from kmtl.registry import register
 def _tower(trunk, head, name: str, x):
     """A fresh copy of the trunk, the head's own tower layers, one logit."""
     x = _common.expert(trunk, f"{name}_tower", 0, len(trunk.stages("probe")), x)
-    if len(x.shape) > 2:
-        x = keras.layers.Flatten(name=f"{name}_tower_flatten")(x)
-    for i, units in enumerate(head.hidden_units):
-        x = keras.layers.Dense(units, activation=head.activation, name=f"{name}_tower_hidden_{i}")(x)
-        if head.dropout:
-            x = keras.layers.Dropout(head.dropout, name=f"{name}_tower_dropout_{i}")(x)
-    return keras.layers.Dense(1, name=f"{name}_logit")(x)
+    return keras.layers.Dense(1, name=f"{name}_logit")(head.tower(x, prefix=f"{name}_tower"))
 
 
 def _check_heads(heads, roles: dict) -> dict:
