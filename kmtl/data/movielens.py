@@ -84,6 +84,7 @@ from typing import Sequence
 import numpy as np
 
 from kmtl.data import sources as _sources
+from kmtl.data._checks import check_batch_size, check_task_names
 
 __all__ = [
     "FEATURE_NAMES",
@@ -936,8 +937,6 @@ def load_movielens(
 
 
 def _check_tasks(tasks) -> list[str]:
-    from kmtl.data.task_specs import check_task_names
-
     return check_task_names(tasks, TASKS, "MovieLens")
 
 
@@ -1230,9 +1229,7 @@ def movielens_tasks(
     """
     import tensorflow as tf
 
-    from kmtl.data.tasks import _check_batch_size
-
-    batch_size = _check_batch_size(batch_size)
+    batch_size = check_batch_size(batch_size)
     if shuffle_seed is not None and (
         isinstance(shuffle_seed, bool) or not isinstance(shuffle_seed, (int, np.integer)) or shuffle_seed < 0
     ):

@@ -55,6 +55,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from kmtl.data import emnist as _emnist
+from kmtl.data._checks import check_task_names
 from kmtl.data.sources import BASE_SOURCES, COMPOSITE_DATASETS, _check_dataset
 
 #: Recommender datasets: name -> `kmtl.data.movielens_tasks` split scheme.
@@ -186,33 +187,6 @@ def class_names(dataset: str, task: str) -> list[str]:
     if dataset.startswith("emnist/"):
         return _emnist.emnist_char_names(dataset.split("/", 1)[1])
     return [str(digit) for digit in range(10)]
-
-
-def check_task_names(tasks, available, where: str) -> list[str]:
-    """`tasks` as a list, or a ValueError: not a non-empty list, unknown or repeated names.
-
-    Args:
-        tasks: a task name or a list/tuple of them.
-        available: the known task names, in their order.
-        where: how the message names the dataset, e.g. `"dataset 'mnist'"`.
-    """
-    available = list(available)
-    if isinstance(tasks, str):
-        tasks = [tasks]
-    tasks = list(tasks) if isinstance(tasks, (list, tuple)) else tasks
-    if not isinstance(tasks, list) or not tasks:
-        raise ValueError(
-            f"`tasks` must be a non-empty list of task names from {available}. Received: tasks={tasks!r}"
-        )
-    unknown = [task for task in tasks if task not in available]
-    if unknown:
-        raise ValueError(
-            f"Unknown task(s) {unknown} for {where}; available tasks: {available}. Received: tasks={tasks!r}"
-        )
-    duplicates = sorted({task for task in tasks if tasks.count(task) > 1})
-    if duplicates:
-        raise ValueError(f"Duplicate task names {duplicates}; list each task once. Received: tasks={tasks!r}")
-    return tasks
 
 
 def _check_tasks(dataset: str, tasks) -> dict[str, _Task]:

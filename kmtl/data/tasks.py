@@ -19,22 +19,14 @@ from typing import Sequence
 import numpy as np
 
 from kmtl.data import emnist as _emnist
+from kmtl.data._checks import check_batch_size as _check_batch_size
+from kmtl.data.movielens import movielens_tasks
 from kmtl.data.sources import load_arrays, parse_split
 from kmtl.data.task_specs import COMPOSITE_DATASETS, RECOMMENDER_DATASETS, _check_tasks
 
 __all__ = ["digits_tasks", "emnist_tasks", "fashion_tasks", "mnist_tasks", "task_dataset"]
 
 _UNBATCHED_BLOCK = 1024
-
-
-def _check_batch_size(batch_size):
-    if batch_size is None:
-        return None
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(
-            f"`batch_size` must be a positive integer or None (unbatched). Received: batch_size={batch_size!r}"
-        )
-    return int(batch_size)
 
 
 def task_dataset(
@@ -298,8 +290,6 @@ def _movielens(
     dataset, tasks, split, batch_size, source, data_dir, tfds_data_dir, shuffle, seed, drop_remainder
 ):
     """A MovieLens pipeline: split seed 0 and 4 negatives for every run, `seed` orders the rows."""
-    from kmtl.data.movielens import movielens_tasks
-
     base, bounds = parse_split(split)
     if bounds is not None:
         raise ValueError(
