@@ -112,20 +112,35 @@ class Benchmark:
         return self.table
 
 
-def _budget(quick: bool, epochs, seeds, train_limit) -> tuple[str, dict]:
+def budget_of(budgets: dict, quick: bool, epochs=None, seeds=None, train_limit=None) -> tuple[str, dict]:
+    """`(name, budget)`: `budgets["quick" | "full"]` with the overrides given.
+
+    An overridden budget is named `e<epochs>-s<number of seeds>[-n<train_limit>]`, so its runs
+    are cached apart from the named budgets'.
+    """
     name = "quick" if quick else "full"
-    budget = dict(BUDGETS[name])
+    budget = dict(budgets[name])
     if epochs is not None:
         budget["epochs"] = epochs
     if seeds is not None:
         budget["seeds"] = list(seeds)
     if train_limit is not None:
         budget["train_limit"] = train_limit
-    if budget != BUDGETS[name]:
+    if budget != budgets[name]:
         name = f"e{budget['epochs']}-s{len(budget['seeds'])}" + (
-            f"-n{budget['train_limit']}" if budget["train_limit"] else ""
+            f"-n{budget['train_limit']}" if budget.get("train_limit") else ""
         )
     return name, budget
+
+
+def training_seconds(results, epochs: int) -> float:
+    """Training time of every seed of `results` (`kmtl.experiment.Result`s): epochs x s/epoch."""
+    return sum(
+        seconds * epochs
+        for result in results
+        for seconds in result.seconds_per_epoch.values()
+        if seconds == seconds
+    )
 
 
 def choose(names, known: dict, what: str, default: dict | None = None) -> dict:
@@ -250,7 +265,7 @@ def run(
             f"Unknown benchmark dataset; expected one of {list(DATASETS)}. Received: {dataset!r}"
         )
     chosen = _check_strategies(strategies)
-    budget_name, budget = _budget(quick, epochs, seeds, train_limit)
+    budget_name, budget = budget_of(BUDGETS, quick, epochs, seeds, train_limit)
     start = time.perf_counter()
     prefix = f"bench-{dataset}-{budget_name}"
     config = dict(
@@ -328,12 +343,7 @@ def run(
     plt.close(fig)
     wall = time.perf_counter() - start
     runs = list(single.results.values()) + list(sweep.results) + [sweep.refit] + list(results.values())
-    training = sum(
-        seconds * budget["epochs"]
-        for result in runs
-        for seconds in result.seconds_per_epoch.values()
-        if seconds == seconds
-    )
+    training = training_seconds(runs, budget["epochs"])
     record = {
         "dataset": dataset,
         "budget_name": budget_name,

@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 
 from kmtl import baselines, delta, experiment
-from kmtl.benchmark import choose
+from kmtl.benchmark import budget_of, choose, training_seconds
 
 __all__ = ["ARCHITECTURES", "BUDGETS", "EXTRA_STRATEGIES", "REFERENCE", "STRATEGIES", "Benchmark", "run"]
 
@@ -174,14 +174,7 @@ def run(
     chosen_strategies = choose(
         strategies, {**STRATEGIES, **EXTRA_STRATEGIES}, "strategies", default=STRATEGIES
     )
-    budget_name = "quick" if quick else "full"
-    budget = dict(BUDGETS[budget_name])
-    if epochs is not None:
-        budget["epochs"] = epochs
-    if seeds is not None:
-        budget["seeds"] = list(seeds)
-    if budget != BUDGETS[budget_name]:
-        budget_name = f"e{budget['epochs']}-s{len(budget['seeds'])}"
+    budget_name, budget = budget_of(BUDGETS, quick, epochs, seeds)
     start = time.perf_counter()
     prefix = f"bench-movielens-{budget_name}"
     config = experiment.load_config(
@@ -240,12 +233,7 @@ def run(
     (directory / "table.md").write_text(table, encoding="utf-8")
     wall = time.perf_counter() - start
     runs = list(single.results.values()) + list(results.values())
-    training = sum(
-        seconds * budget["epochs"]
-        for r in runs
-        for seconds in r.seconds_per_epoch.values()
-        if seconds == seconds
-    )
+    training = training_seconds(runs, budget["epochs"])
     experiment.write_json_atomic(
         directory / "results.json",
         {
