@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("model", help="path of a .keras file")
     export.add_argument("out", help="path of the SavedModel")
+    export.add_argument(
+        "--signature-per-task",
+        dest="signature_per_task",
+        action="store_true",
+        help="also write a serve_<task> signature per head (a task-routed model's takes only that task's inputs)",
+    )
 
     bench = sub.add_parser(
         "benchmark",
@@ -749,7 +755,11 @@ def evaluate_options(args) -> dict:
 
 
 def export_options(args) -> dict:
-    return {"model": _check_model_path("MODEL", args.model), "out": _string("OUT", args.out)}
+    return {
+        "model": _check_model_path("MODEL", args.model),
+        "out": _string("OUT", args.out),
+        "signature_per_task": bool(args.signature_per_task),
+    }
 
 
 def benchmark_options(args) -> dict:

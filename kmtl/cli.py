@@ -104,8 +104,16 @@ def _export(options) -> int:
     from kmtl import export
 
     model = export.load_keras(options["model"])
-    path = export.saved_model(model, options["out"])
-    print(f"kmtl: wrote SavedModel {path} (outputs: {', '.join(model.output_names)})")
+    path = export.saved_model(
+        model, options["out"], signature_per_task=options.get("signature_per_task", False)
+    )
+    signatures = ["serving_default"]
+    if options.get("signature_per_task"):
+        signatures += [f"serve_{task}" for task in model.output_names]
+    print(
+        f"kmtl: wrote SavedModel {path} (outputs: {', '.join(model.output_names)}; "
+        f"signatures: {', '.join(signatures)})"
+    )
     return 0
 
 

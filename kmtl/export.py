@@ -311,15 +311,28 @@ def _replace_directory(tmp: Path, path: Path) -> None:
 # ----------------------------------------------------------------- SavedModel
 
 
-def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool = True) -> Path:
+def saved_model(
+    model: keras.Model,
+    path,
+    overwrite: bool = True,
+    verify: bool = True,
+    signature_per_task: bool = False,
+) -> Path:
     """Writes a TF SavedModel whose serving signature returns one output per head.
 
     The `serving_default` signature takes the model input (named `image` for
     single-input models, or one argument per input name; for a model on
     `kmtl.inputs.Features`, one argument per feature with its raw dtype,
     strings included) and returns a dict keyed by head name, equal to
-    `model.predict`. Models with several inputs (task-routed) also get one
-    signature per task, `serve_<task>`, that takes only that task's input.
+    `model.predict`, for any batch size. The SavedModel needs neither kmtl
+    nor Keras to serve: `tf.saved_model.load(path).signatures[...]`, or
+    TensorFlow Serving.
+
+    With `signature_per_task=True` it also gets one signature per task,
+    `serve_<task>`, that returns only that task's output: for a task-routed
+    model it takes only the inputs that task reads (a client of one task
+    need not send the others'); for the other architectures it takes the
+    shared input and computes only the trunk and that task's head.
 
     `path` becomes a symbolic link to a complete version directory beside it
     and is switched to the new model atomically; what is guaranteed, also
@@ -331,8 +344,9 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
         path: destination (a SavedModel directory, read through the link).
         overwrite: replace an existing model at `path` (atomically).
         verify: reload the written model and compare it with `model` on a
-            random batch (for a feature model, `model.features.example()`)
-            before moving it into place.
+            random batch (for a feature model, `model.features.example()`),
+            every signature, before moving it into place.
+        signature_per_task: add a `serve_<task>` signature per head.
 
     Returns:
         The path written.
@@ -343,6 +357,8 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
         RuntimeError: if the written model does not reproduce `model`.
     """
 
+    if not isinstance(signature_per_task, bool):
+        raise TypeError(f"`signature_per_task` must be True or False. Received: {signature_per_task!r}")
     path = Path(path)
     _check_saved_model_destination(path, overwrite)
     parent = path.parent
@@ -357,17 +373,13 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
             archive = keras.export.ExportArchive()
             archive.track(model)
             specs = _signature_specs(model)
-            if isinstance(specs, dict):
-                archive.add_endpoint("serve", _serving_fn(model, [specs]))
-                for task, fn in _task_endpoints(model, specs):
-                    archive.add_endpoint(f"serve_{task}", fn)
-            else:
-                archive.add_endpoint(
-                    "serve", lambda image: model(image, training=False), input_signature=[specs]
-                )
+            archive.add_endpoint("serve", _serving_fn(model, specs))
+            endpoints = _task_endpoints(model, specs) if signature_per_task else []
+            for task, fn in endpoints:
+                archive.add_endpoint(f"serve_{task}", fn)
             archive.write_out(str(tmp), verbose=False)
             if verify:
-                _verify(model, tmp, specs)
+                _verify(model, tmp, specs, [task for task, _ in endpoints])
             _fsync_tree(tmp)
             with _locked(parent):
                 _check_saved_model_destination(path, overwrite)
@@ -380,29 +392,48 @@ def saved_model(model: keras.Model, path, overwrite: bool = True, verify: bool =
 
 
 def _task_endpoints(model, specs):
-    """`serve_<task>` endpoints of task-routed models: one task's input alone."""
+    """`(task, fn)` for the `serve_<task>` endpoints: one head's output each.
 
-    if getattr(model, "architecture", None) != "task_routed":
-        return []
-    from kmtl import architectures
+    Task-routed models: the task's sub-model on that task's inputs alone.
+    Others: the whole input, one output (the other heads are not computed:
+    the traced function has no path to them).
+    """
 
-    endpoints = []
-    for task, input_names in architectures.task_inputs(model).items():
-        sub = architectures.task_submodel(model, task)
-        sig = [{n: specs[n] for n in input_names}]
-        endpoints.append((task, _serving_fn(sub, sig)))
-    return endpoints
+    if getattr(model, "architecture", None) == "task_routed":
+        from kmtl import architectures
+
+        endpoints = []
+        for task, input_names in architectures.task_inputs(model).items():
+            sub = architectures.task_submodel(model, task)
+            endpoints.append((task, _serving_fn(sub, {n: specs[n] for n in input_names})))
+        return endpoints
+    return [(task, _serving_fn(model, specs, only=task)) for task in model.output_names]
 
 
-def _serving_fn(model, signature):
-    """A traced inference function of `model` for one export endpoint."""
+def _serving_fn(model, specs, only: str | None = None):
+    """A traced inference function of `model` for one export endpoint.
+
+    `specs`: a dict of input specs (keyword arguments of the signature) or
+    one spec, served as the argument `image`. `only`: keep one output.
+    """
     import tensorflow as tf
 
-    @tf.function(input_signature=signature)
-    def serve(inputs):
-        return model(inputs, training=False)
+    def pick(outputs):
+        return outputs if only is None else {only: outputs[only]}
 
-    return serve
+    if isinstance(specs, dict):
+
+        @tf.function(input_signature=[specs])
+        def serve(inputs):
+            return pick(model(inputs, training=False))
+
+        return serve
+
+    @tf.function(input_signature=[specs])
+    def serve_image(image):
+        return pick(model(image, training=False))
+
+    return serve_image
 
 
 def _random_batch(specs, size=3):
@@ -416,7 +447,7 @@ def _random_batch(specs, size=3):
     return one(specs)
 
 
-def _verify(model, path, specs):
+def _verify(model, path, specs, task_signatures=()):
     import tensorflow as tf
 
     features = getattr(model, "features", None)
@@ -424,13 +455,26 @@ def _verify(model, path, specs):
     batch = features.example(3) if features is not None else _random_batch(specs)
     expected = model(batch, training=False)
     loaded = tf.saved_model.load(str(path))
-    signature = loaded.signatures["serving_default"]
-    got = signature(**batch) if isinstance(batch, dict) else signature(image=batch)
-    for name, value in expected.items():
-        if name not in got:
-            raise RuntimeError(f"Exported SavedModel lacks output {name!r}; it has {sorted(got)}.")
-        if not np.allclose(np.asarray(value), got[name].numpy(), atol=1e-5, rtol=1e-4):
-            raise RuntimeError(f"Exported output {name!r} differs from the model's prediction.")
+
+    def call(name, inputs):
+        signature = loaded.signatures[name]
+        accepted = signature.structured_input_signature[1]
+        if isinstance(inputs, dict):
+            return signature(**{k: v for k, v in inputs.items() if k in accepted})
+        return signature(image=inputs)
+
+    checks = [("serving_default", list(expected))] + [(f"serve_{t}", [t]) for t in task_signatures]
+    for signature, names in checks:
+        got = call(signature, batch)
+        if sorted(got) != sorted(names):
+            raise RuntimeError(
+                f"Exported signature {signature!r} has outputs {sorted(got)}, not {sorted(names)}."
+            )
+        for name in names:
+            if not np.allclose(np.asarray(expected[name]), got[name].numpy(), atol=1e-5, rtol=1e-4):
+                raise RuntimeError(
+                    f"Exported output {name!r} of {signature!r} differs from the model's prediction."
+                )
 
 
 class ServedModel:
@@ -468,6 +512,11 @@ class ServedModel:
                     f"This signature takes a dict with keys {names}. Received: {type(inputs).__name__}"
                 )
             inputs = {names[0]: inputs}
+        expected = sorted(fn.structured_input_signature[1])
+        if sorted(inputs) != expected:
+            raise ValueError(
+                f"Signature {signature!r} takes the inputs {expected}. Received: {sorted(inputs)}"
+            )
         tensors = {
             k: tf.convert_to_tensor(v, dtype=fn.structured_input_signature[1][k].dtype)
             for k, v in inputs.items()

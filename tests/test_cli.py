@@ -348,8 +348,11 @@ def test_strategy_runs_load_evaluate_and_export_in_new_processes(tmp_path, mnist
         model = tmp_path / name / "model.keras"
         status, out, err, _ = run_console_script("evaluate", str(model), "--split", "test[:500]", timeout=300)
         assert status == 0 and "digit" in out and "parity" in out, out + err
+        per_task = ["--signature-per-task"] if name == "pcgrad" else []
         status, out, err, _ = run_console_script(
-            "export", str(model), str(tmp_path / f"{name}-served"), timeout=300
+            "export", str(model), str(tmp_path / f"{name}-served"), *per_task, timeout=300
         )
         assert status == 0, out + err
         assert (tmp_path / f"{name}-served" / "saved_model.pb").exists()
+        wanted = "serving_default, serve_digit, serve_parity" if per_task else "signatures: serving_default)"
+        assert wanted in out, out

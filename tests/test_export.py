@@ -1,4 +1,5 @@
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -105,8 +106,15 @@ def test_task_routed_export_serves_each_task_alone(tmp_path):
         architecture="task_routed",
     )
     model.compile()
-    served = kmtl.export.load(kmtl.export.saved_model(model, tmp_path / "routed"))
+    plain = kmtl.export.load(kmtl.export.saved_model(model, tmp_path / "plain")).signatures
+    assert "serving_default" in plain and not [s for s in plain if s.startswith("serve_")]
+    served = kmtl.export.load(kmtl.export.saved_model(model, tmp_path / "routed", signature_per_task=True))
     assert {"serving_default", "serve_digit", "serve_item"} <= set(served.signatures)
+    with pytest.raises(ValueError, match=r"takes the inputs \['digit'\]"):
+        served(
+            {"digit": np.zeros((1, 8, 8, 1), "float32"), "item": np.zeros((1, 8, 8, 1), "float32")},
+            "serve_digit",
+        )
     x = np.random.default_rng(0).random((3, 8, 8, 1)).astype("float32")
     full = model.predict({"digit": x, "item": 1 - x}, verbose=0)
     only_digit = served({"digit": x}, signature="serve_digit")
@@ -262,24 +270,6 @@ def test_killed_export_keeps_the_old_model_and_the_next_export_cleans_up(model, 
         kmtl.export.saved_model(newer, path)
         assert sorted(os.listdir(path.parent)) == sorted(["served", os.readlink(path)])
         assert_serves(path, newer)
-    result = subprocess.run(
-        [
-            "saved_model_cli",
-            "show",
-            "--dir",
-            str(paths["write"]),
-            "--tag_set",
-            "serve",
-            "--signature_def",
-            "serving_default",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "digit" in result.stdout and "parity" in result.stdout
 
 
 def test_debris_clean_up_spares_running_exports(model, tmp_path):
@@ -384,3 +374,121 @@ def test_save_keras_cleans_debris_and_spares_directories(model, tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         kmtl.export.save_keras(model, tmp_path / "d.keras")
     assert (tmp_path / "d.keras").is_dir()
+
+
+# A fresh interpreter where `import kmtl` fails (a finder ahead of every path
+# refuses it, so neither the checkout nor an installed copy is reachable).
+_SERVE_WITHOUT_KMTL = r"""
+import importlib.abc, json, sys
+
+class HideKmtl(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "kmtl" or name.startswith("kmtl."):
+            raise ImportError("kmtl is hidden in this process")
+        return None
+
+sys.meta_path.insert(0, HideKmtl())
+try:
+    import kmtl  # noqa: F401
+except ImportError:
+    pass
+else:
+    raise SystemExit("kmtl is importable")
+import numpy as np
+import tensorflow as tf
+
+out = sys.argv[1]
+cases = json.loads(open(f"{out}/cases.json").read())
+for name, case in cases.items():
+    loaded = tf.saved_model.load(f"{out}/{name}")
+    expected = np.load(f"{out}/{name}.npz")
+    for size in (1, 5):
+        inputs = {k: tf.constant(np.load(f"{out}/{name}-x{size}.npz")[k]) for k in case["inputs"]}
+        want = np.load(f"{out}/{name}-y{size}.npz")
+        got = loaded.signatures["serving_default"](**inputs)
+        assert sorted(got) == sorted(case["heads"]), (name, sorted(got))
+        for head in case["heads"]:
+            np.testing.assert_allclose(got[head].numpy(), want[head], rtol=1e-5, atol=1e-6, err_msg=name)
+            one = loaded.signatures[f"serve_{head}"]
+            wanted = sorted(one.structured_input_signature[1])
+            assert wanted == sorted(case["task_inputs"][head]), (name, head, wanted)
+            alone = one(**{k: inputs[k] for k in wanted})
+            assert list(alone) == [head], (name, head, list(alone))
+            np.testing.assert_allclose(alone[head].numpy(), want[head], rtol=1e-5, atol=1e-6, err_msg=name)
+assert not any(m == "kmtl" or m.startswith("kmtl.") for m in sys.modules)
+print("SERVED", sorted(cases))
+"""
+
+
+def test_saved_models_serve_each_head_without_kmtl(tmp_path):
+    """Hard sharing, MMoE and task-routed exports, each with a signature per
+    task, served in a process where kmtl cannot be imported, for batch sizes 1
+    and 5; `saved_model_cli show` lists one output per head."""
+    import json
+
+    rng = np.random.default_rng(3)
+    task_heads = [heads.Classification("digit", 10), heads.Binary("parity"), heads.Regression("value")]
+    cases = {}
+    for architecture in ("hard_sharing", "mmoe", "task_routed"):
+        keras.utils.set_random_seed(1)
+        if architecture == "task_routed":
+            names = {"digit": "digit", "parity": "digit", "value": "value"}
+            m = kmtl.build_model(
+                heads=task_heads,
+                inputs={"digit": (8, 8, 1), "value": (8, 8, 1)},
+                trunk=trunks.dense((8,)),
+                architecture=architecture,
+                routes=names,
+            )
+            inputs = ["digit", "value"]
+        else:
+            m = kmtl.build_model(
+                heads=task_heads, trunk=trunks.dense((8,)), input_shape=(8, 8, 1), architecture=architecture
+            )
+            names = {h.name: "image" for h in task_heads}
+            inputs = ["image"]
+        m.compile()
+        kmtl.export.saved_model(m, tmp_path / architecture, signature_per_task=True)
+        for size in (1, 5):
+            x = {k: rng.random((size, 8, 8, 1)).astype("float32") for k in inputs}
+            y = m.predict(x if architecture == "task_routed" else x["image"], verbose=0)
+            np.savez(tmp_path / f"{architecture}-x{size}.npz", **x)
+            np.savez(tmp_path / f"{architecture}-y{size}.npz", **y)
+        np.savez(tmp_path / f"{architecture}.npz")
+        cases[architecture] = {
+            "inputs": inputs,
+            "heads": [h.name for h in task_heads],
+            "task_inputs": {t: [names[t]] for t in names},
+        }
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    result = subprocess.run(
+        [sys.executable, "-c", _SERVE_WITHOUT_KMTL, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0 and "SERVED" in result.stdout, result.stdout + result.stderr[-3000:]
+
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run(
+        [cli, "show", "--dir", str(tmp_path / "task_routed"), "--all"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    blocks = dict((block.split("'", 1)[0], block) for block in shown.stdout.split("signature_def['")[1:])
+
+    def listed(kind, block):
+        return sorted(re.findall(rf"{kind}\['([^']+)'\] tensor_info:\s+dtype: \w+\s+shape: \(-1,", block))
+
+    assert listed("outputs", blocks["serving_default"]) == ["digit", "parity", "value"], shown.stdout
+    assert listed("inputs", blocks["serving_default"]) == ["digit", "value"], shown.stdout
+    for head, source in (("digit", "digit"), ("parity", "digit"), ("value", "value")):
+        assert listed("outputs", blocks[f"serve_{head}"]) == [head], shown.stdout
+        assert listed("inputs", blocks[f"serve_{head}"]) == [source], shown.stdout
