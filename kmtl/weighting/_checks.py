@@ -73,9 +73,15 @@ def choice(value, argument: str, options: Sequence[str]) -> str:
 
 
 def seed(value) -> int:
-    """A seed in [0, 2**63); `None` draws one (the caller keeps it in its config)."""
+    """A seed in [0, 2**63); `None` draws one (the caller keeps it in its config).
+
+    The draw comes from Python's `random` module, which
+    `keras.utils.set_random_seed` seeds: after it, a strategy built with
+    `seed=None` draws the same seed in every run (and on every process of a
+    distributed job); without it, a fresh one per process.
+    """
     if value is None:
-        value = random.SystemRandom().randrange(2**31)
+        value = random.randrange(2**31)
     return integer(value, "seed", low=0, high=2**63 - 1)
 
 

@@ -54,7 +54,8 @@ class GradVac(Weighting):
     Args:
         beta: EMA rate of the targets, in (0, 1] (0.01 in the paper).
         seed: integer seed of the random orders; `None` draws one at
-            construction (kept in the config).
+            construction from Python's `random` (so
+            `keras.utils.set_random_seed` fixes it; kept in the config).
         **kwargs: base `Weighting` arguments (`update_every`, `mode`,
             `engine`, `name`).
 

@@ -43,7 +43,8 @@ class PCGrad(Weighting):
 
     Args:
         seed: integer seed of the random orders. `None` draws one at
-            construction (kept in the config).
+            construction from Python's `random` (so
+            `keras.utils.set_random_seed` fixes it; kept in the config).
         **kwargs: base `Weighting` arguments (`update_every`, `mode`,
             `engine`, `name`).
 

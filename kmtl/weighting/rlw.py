@@ -37,9 +37,10 @@ class RLW(Weighting):
 
     Args:
         distribution: `"normal"`, `"uniform"` or `"dirichlet"`.
-        seed: integer seed in [0, 2**63). `None` draws one at construction;
-            the drawn value is part of the config, so a reloaded strategy
-            continues the same sequence.
+        seed: integer seed in [0, 2**63). `None` draws one at construction
+            from Python's `random` (so `keras.utils.set_random_seed` fixes
+            it); the drawn value is part of the config, so a reloaded
+            strategy continues the same sequence.
         **kwargs: base `Weighting` arguments (`name`).
 
     Raises:
