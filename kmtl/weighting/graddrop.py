@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from keras import ops
 
+from kmtl import backend
 from kmtl.registry import register
 from kmtl.weighting import _checks, _random
 from kmtl.weighting.base import Weighting
@@ -48,17 +49,18 @@ class GradDrop(Weighting):
     continued after a reload; the counter advances with every committed
     step.
 
-    Under `tf.distribute.MirroredStrategy` in representation mode, each
-    replica computes the purity from its own part of the batch (the
-    representation gradients of different examples are not summed across
-    replicas), so the masks, and the logged weights kept by the first
-    replica, are per replica rather than for the global batch. In parameter
-    mode the gradients are summed over replicas first and every replica
-    applies the same mask.
+    Under `tf.distribute` in representation mode, the batch sums of the
+    representation gradients (and the kept and total masses of the logged
+    weights) are summed over replicas before the purity is computed, so
+    every replica applies the mask of the global batch and the step equals
+    the single-device step on the same global batch. In parameter mode the
+    gradients are summed over replicas first and every replica applies the
+    same mask.
 
     Args:
         leak: fraction of a dropped gradient that is kept, in [0, 1].
-        seed: integer seed; `None` draws one at construction (kept in the
+        seed: integer seed; `None` draws one at construction from Python's
+            `random` (so `keras.utils.set_random_seed` fixes it; kept in the
             config).
         **kwargs: base `Weighting` arguments (`update_every`, `mode`, `name`).
 
@@ -93,7 +95,10 @@ class GradDrop(Weighting):
         self.draws = self.add_state("draws", (), "zeros", dtype="int64")
 
     def combine_gradients(self, grads, values, present, step, state):
-        return self.drop(grads, present, state, batch_separated=self.mode == "representation")
+        if self.mode == "representation":
+            # Each replica holds its own examples: the purity is of the global batch.
+            return self.drop(grads, present, state, batch_separated=True, reduce=backend.sum_over_replicas)
+        return self.drop(grads, present, state, batch_separated=False)
 
     def aggregate(self, G, losses=None, present=None, step: int = 0):
         """Matrix in, vector out: `[T, D]` -> `[D]`, one mask entry per column of `G` in every mode.
@@ -114,12 +119,15 @@ class GradDrop(Weighting):
         combined, _, _ = self.drop([G], present, state, batch_separated=False)
         return combined[0]
 
-    def drop(self, grads, present, state, batch_separated: bool):
+    def drop(self, grads, present, state, batch_separated: bool, reduce=None):
         """Pure GradDrop of stacked gradients: `(combined, kept_fractions, new_state)`.
 
         `batch_separated`: `grads` are `[T, batch, *features]` and the mask
-        is computed on their sum over the batch axis.
+        is computed on their sum over the batch axis. `reduce`: a function
+        that sums a list of tensors over the parts of a batch held elsewhere
+        (replicas); applied to the batch sums and to the masses.
         """
+        reduce = reduce or (lambda tensors: tensors)
         present = ops.cast(present, "bool")
         key = _random.key(self.seed, state["draws"])
         kept_mass, total_mass, combined = 0.0, 0.0, []
@@ -127,7 +135,7 @@ class GradDrop(Weighting):
             g = ops.convert_to_tensor(g)
             rank = len(g.shape)
             g = ops.where(ops.reshape(present, (-1,) + (1,) * (rank - 1)), g, ops.zeros_like(g))
-            signal = ops.sum(g, axis=1) if batch_separated else g
+            signal = reduce([ops.sum(g, axis=1)])[0] if batch_separated else g
             total = ops.sum(signal, axis=0)
             magnitude = ops.sum(ops.abs(signal), axis=0)
             nonzero = magnitude > 0
@@ -144,6 +152,7 @@ class GradDrop(Weighting):
             combined.append(ops.sum(kept, axis=0))
             kept_mass += ops.sum(ops.reshape(ops.abs(kept), (ops.shape(g)[0], -1)), axis=1)
             total_mass += ops.sum(ops.reshape(ops.abs(g), (ops.shape(g)[0], -1)), axis=1)
+        kept_mass, total_mass = reduce([kept_mass, total_mass])
         has_mass = total_mass > 0
         fraction = ops.where(has_mass, kept_mass / ops.where(has_mass, total_mass, 1.0), 1.0)
         weights = ops.where(present, ops.cast(fraction, "float32"), 0.0)
