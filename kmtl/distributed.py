@@ -49,6 +49,7 @@ Example (one worker's program; `TF_CONFIG` describes the cluster):
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from typing import Callable, Sequence
@@ -113,8 +114,26 @@ def _check_arguments(model, dataset_fn, epochs, steps_per_epoch, verbose, max_to
         raise ValueError(f"`verbose` must be 'auto', 0, 1 or 2. Received: verbose={verbose!r}")
 
 
+def _cluster_size() -> int:
+    """Number of tasks `TF_CONFIG` describes (0 if unset or unreadable: TensorFlow reports that)."""
+    try:
+        cluster = json.loads(os.environ.get("TF_CONFIG") or "{}").get("cluster") or {}
+        return sum(len(tasks) for tasks in cluster.values())
+    except (AttributeError, TypeError, ValueError):
+        return 0
+
+
 def _check_scope(model, strategy):
     """Raises unless the model, its optimizer and its strategy's state were created in `strategy.scope()`."""
+    tasks = _cluster_size()
+    if tasks > 1 and getattr(strategy, "cluster_resolver", None) is None:
+        # Outside any scope each worker would train alone on its shard, silently.
+        raise ValueError(
+            f"TF_CONFIG describes a cluster of {tasks} tasks, but the model was not built in the scope of a "
+            "multi-worker strategy: create `tf.distribute.MultiWorkerMirroredStrategy()` at program start and "
+            "build and compile the model inside `with strategy.scope():`. "
+            f"Received: a model of strategy {type(strategy).__name__}"
+        )
     owners = [("model", model.weights), ("optimizer", [model.optimizer.iterations])]
     if model.weighting is not None:
         owners.append(("weighting strategy", model.weighting.weights))
@@ -168,13 +187,19 @@ class _Checkpoints:
     def __init__(self, checkpoint, directory, chief, max_to_keep):
         self.checkpoint, self.directory, self.chief = checkpoint, directory, chief
         self.manager = tf.train.CheckpointManager(checkpoint, directory, max_to_keep) if chief else None
-        self.max_to_keep = max_to_keep
 
     def restore(self) -> bool:
         latest = tf.train.latest_checkpoint(self.directory)
         if latest is None:
             return False
-        self.checkpoint.restore(latest).assert_existing_objects_matched()
+        try:
+            self.checkpoint.restore(latest).assert_existing_objects_matched()
+        except (AssertionError, ValueError, tf.errors.OpError) as error:
+            raise ValueError(
+                f"The checkpoint {latest!r} does not fit this model, optimizer and weighting strategy (another "
+                "run's `checkpoint_dir`?): resume with the same model and compile arguments, or use a new "
+                f"directory. Received: {type(error).__name__}: {str(error)[:500]}"
+            ) from None
         return True
 
     def save(self, number):
@@ -244,7 +269,8 @@ def fit(
             strategy state created outside the strategy's scope, non-positive
             `epochs` / `steps_per_epoch`, a dataset that ran out, or workers
             that restored different checkpoints (a `checkpoint_dir` that is
-            not shared).
+            not shared), or a checkpoint in `checkpoint_dir` that does not fit
+            the model.
         TypeError: if `dataset_fn` is not callable or returns no `tf.data.Dataset`.
         kmtl.NonFiniteLossError: on a non-finite batch (which changed nothing;
             the last checkpoint is the end of the previous epoch).
