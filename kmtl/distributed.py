@@ -35,13 +35,12 @@ Example (one worker's program; `TF_CONFIG` describes the cluster):
 >>> strategy = tf.distribute.MultiWorkerMirroredStrategy()   # first, before other TF ops
 >>> import kmtl
 >>> with strategy.scope():
-...     model = kmtl.build_model(heads=[kmtl.heads.Classification("digit", 10)],
+...     model = kmtl.build_model(heads=[kmtl.heads.Classification("digit", 10), kmtl.heads.Binary("parity")],
 ...                              trunk=kmtl.trunks.dense((32,)), input_shape=(8, 8, 1))
 ...     model.compile(optimizer="adam", weighting="pcgrad")
->>> def dataset_fn(context):
-...     batch = context.get_per_replica_batch_size(64)
-...     return make_dataset().shard(context.num_input_pipelines, context.input_pipeline_id) \\
-...         .batch(batch, drop_remainder=True).repeat()
+>>> def dataset_fn(context):   # unbatched examples -> this worker's shard, per-replica batches
+...     dataset = examples.shard(context.num_input_pipelines, context.input_pipeline_id)
+...     return dataset.batch(context.get_per_replica_batch_size(64), drop_remainder=True).repeat()
 >>> history = kmtl.distributed.fit(model, dataset_fn, epochs=3, steps_per_epoch=100,
 ...                                checkpoint_dir="/shared/run1")   # doctest: +SKIP
 """
@@ -125,6 +124,11 @@ def _cluster_size() -> int:
 
 def _check_scope(model, strategy):
     """Raises unless the model, its optimizer and its strategy's state were created in `strategy.scope()`."""
+    if isinstance(strategy, tf.distribute.experimental.ParameterServerStrategy):
+        raise ValueError(
+            "kmtl.distributed.fit runs synchronous data-parallel training (MultiWorkerMirroredStrategy); "
+            "parameter-server training is not supported. Received: ParameterServerStrategy"
+        )
     tasks = _cluster_size()
     if tasks > 1 and getattr(strategy, "cluster_resolver", None) is None:
         # Outside any scope each worker would train alone on its shard, silently.
