@@ -8,6 +8,8 @@ test files; these tests fuzz around them.
 """
 
 import gzip
+import json
+import math
 import tracemalloc
 import zlib
 
@@ -16,6 +18,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
+import kmtl_cli
+from kmtl import experiment
 from kmtl.data import IDXError, read_idx
 
 # Deterministic examples, no per-example deadline (the first TF call traces); tmp_path is shared
@@ -189,6 +193,171 @@ def test_gzip_bomb_stops_at_the_declared_size(tmp_path, declared, extra):
     assert peak < declared + 3 * MIB
 
 
+# --------------------------------------------------------------------------- configs
+
+_JSON_SCALARS = st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=12)
+_JSON = st.recursive(
+    _JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=12,
+)
+#: Plausible values of each key, so that the fuzzing gets past the first check.
+_PLAUSIBLE = {
+    "dataset": st.sampled_from(list(kmtl_cli.DATASETS) + ["Digits", "mnist "]),
+    "tasks": st.sampled_from([["digit"], "digit,parity", ["digit", "digit"], ["left"], "", [""], ["item"]]),
+    "epochs": st.integers(-2, 3) | st.just(True),
+    "batch_size": st.integers(-1, 2**64),
+    "loss_weights": st.dictionaries(
+        st.sampled_from(["digit", "parity", " digit", "x", "", 1]), _JSON_SCALARS
+    ),
+    "weighting": st.sampled_from(["pcgrad", "PCGrad", "nash-mtl", "nope", ""])
+    | st.fixed_dictionaries(
+        {"name": st.sampled_from(["cagrad", "static", "upgrad", "famo", 3])},
+        optional={"c": _JSON_SCALARS, "weights": _JSON, "max_exact_tasks": _JSON_SCALARS, "bogus": _JSON},
+    ),
+    "architecture": st.sampled_from(["hard_sharing", "mmoe", "hard-sharing", "nope"]),
+    "trunk": st.sampled_from([None, "mlp", "nope", ""]),
+    "optimizer": st.sampled_from(["adam", "sgd", "Adam", "nope", "", "Layer", "keras.layers.Dense"]),
+    "learning_rate": _JSON_SCALARS,
+    "source": st.sampled_from(["auto", "local", "tfds", "s3"]),
+    "seed": st.integers(-1, 2**33),
+    "seeds": st.lists(st.integers(-1, 4), max_size=3) | _JSON,
+    "train_limit": st.none() | st.integers(-1, 10),
+    "validation": st.sampled_from([None, "test", "train[50000:]", "train[:10%]", "train[", "val"]),
+    "train_split": st.sampled_from([None, "train[:90%]", "test[:5]", "train[1:2:3]"]),
+    "test_split": st.sampled_from([None, "test", "test[-5:]", "test[%]"]),
+    "name": st.sampled_from([None, "run", "a/b", "..", ""]),
+    "run_name": st.sampled_from([None, "run", "other", "a/b"]),
+    "verbose": st.sampled_from([0, 1, 2, 3, "auto", True, "1"]),
+    "tensorboard": _JSON_SCALARS,
+}
+
+
+@st.composite
+def _configs(draw):
+    """A dict of known keys with plausible or junk values, sometimes with an unknown key."""
+    keys = draw(st.lists(st.sampled_from(sorted(_PLAUSIBLE)), max_size=6, unique=True))
+    config = {key: draw(st.one_of(_PLAUSIBLE[key], _PLAUSIBLE[key], _PLAUSIBLE[key], _JSON)) for key in keys}
+    if draw(st.integers(0, 5)) == 0:
+        config[draw(st.text(max_size=10) | st.integers() | st.none())] = draw(_JSON)
+    return config
+
+
+def _load_or_value_error(source):
+    """`load_config(source)`, or None if it raised a ValueError; any other exception fails the test."""
+    try:
+        return experiment.load_config(source)
+    except ValueError as error:
+        assert str(error).strip(), "an empty error message"
+        assert len(str(error)) < 20_000, f"a {len(str(error))}-character error message"
+        return None
+
+
+def _check_accepted(raw, config):
+    """An accepted config names only known keys and normalises to a fixed point with a hash."""
+    unknown = [key for key in raw if key not in kmtl_cli.CONFIG_KEYS]
+    assert not unknown, f"unknown key(s) {unknown} accepted"
+    assert tuple(config) == experiment.KEYS
+    assert experiment.load_config(config) == config
+    assert len(experiment.config_hash(config)) == 16
+
+
+@fuzz(120)
+@given(raw=_configs())
+def test_config_mappings_are_normalised_or_refused_with_a_value_error(tmp_path, raw):
+    raw = dict(raw, out=str(tmp_path / "out"))
+    config = _load_or_value_error(raw)
+    if config is not None:
+        _check_accepted(raw, config)
+
+
+@fuzz(40)
+@given(raw=_configs(), key=st.text(min_size=1, max_size=10))
+def test_an_unknown_key_is_named_with_the_allowed_keys(raw, key):
+    assume(key not in kmtl_cli.CONFIG_KEYS)
+    with pytest.raises(ValueError) as info:
+        experiment.load_config(dict(raw, **{key: 1}))
+    message = str(info.value)
+    if "Unknown option" in message:  # else a bad value came first
+        assert repr(key) in message and "'dataset'" in message
+
+
+@fuzz(60)
+@given(raw=_configs(), yaml_file=st.booleans())
+def test_config_files_are_read_back_as_their_mapping(tmp_path, raw, yaml_file):
+    import yaml
+
+    raw = {key: value for key, value in raw.items() if isinstance(key, str)}
+    raw["out"] = str(tmp_path / "out")
+    path = tmp_path / ("config.yaml" if yaml_file else "config.json")
+    try:
+        text = yaml.safe_dump(raw) if yaml_file else json.dumps(raw)
+    except ValueError:  # NaN in JSON is written as NaN, which is fine; nothing else raises
+        raise
+    path.write_text(text, encoding="utf-8")
+    from_file, from_mapping = _load_or_value_error(path), _load_or_value_error(raw)
+    if from_mapping is None:
+        assert from_file is None
+        return
+    same = json.loads(json.dumps(raw)) == raw if not yaml_file else True
+    if same and not any(isinstance(v, float) and math.isnan(v) for v in raw.values()):
+        assert from_file == from_mapping
+
+
+@fuzz(150)
+@given(text=st.text(max_size=200), yaml_file=st.booleans())
+def test_random_config_text_is_refused_with_a_value_error(tmp_path, text, yaml_file):
+    path = tmp_path / ("random.yml" if yaml_file else "random.json")
+    path.write_text(text, encoding="utf-8")
+    config = _load_or_value_error(path)
+    if config is not None:
+        assert set(config) == set(experiment.KEYS)
+
+
+@fuzz(16)
+@given(
+    prefix=st.sampled_from(["tasks: ", "seeds: ", "weighting: {name: static, weights: ", "loss_weights: "]),
+    opener=st.sampled_from(["[", "{a: ", "- ", "!!python/object/apply:os.system ["]),
+    depth=st.sampled_from([1, 2, 600, 1200]),  # PyYAML needs ~1 s to fail on 1200 nested "["
+    yaml_file=st.booleans(),
+)
+def test_deep_nesting_and_python_tags_are_a_value_error(tmp_path, prefix, opener, depth, yaml_file):
+    closer = {"[": "]", "{a: ": "}", "- ": "", "!!python/object/apply:os.system [": "]"}[opener]
+    if yaml_file:
+        text = prefix + opener * depth + "1" + closer * depth + ("}" if "{" in prefix else "")
+    else:
+        text = '{"tasks": ' + "[" * depth + "1" + "]" * depth + "}"
+    path = tmp_path / ("deep.yaml" if yaml_file else "deep.json")
+    path.write_text(text, encoding="utf-8")
+    assert _load_or_value_error(path) is None
+
+
+@fuzz(12)
+@given(
+    key=st.sampled_from(["tasks", "seeds", "loss_weights", "weighting", "nope", "data_dir"]),
+    width=st.integers(2, 10),
+    depth=st.integers(2, 12),
+)
+def test_yaml_alias_expansion_is_bounded(tmp_path, key, width, depth):
+    """Billion laughs: each level repeats the previous one `width` times, `width ** depth` in all."""
+    levels = ["&l0 [" + ", ".join(["lol"] * width) + "]"]
+    for level in range(1, depth):
+        levels.append(f"&l{level} [" + ", ".join([f"*l{level - 1}"] * width) + "]")
+    if key == "weighting":
+        text = "weighting: {name: static, weights: [" + ", ".join(levels) + "]}\n"
+    else:
+        text = f"{key}: [" + ", ".join(levels) + "]\n"
+    path = tmp_path / f"laughs-{key}-{width}-{depth}.yaml"
+    path.write_text(text, encoding="utf-8")
+    tracemalloc.start()
+    try:
+        assert _load_or_value_error(path) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 * MIB
+
+
 # Regressions found by the tests above.
 @pytest.mark.parametrize("gz", [False, True])
 def test_zero_size_dims_numpy_cannot_represent_are_an_idx_error(tmp_path, gz):
@@ -214,3 +383,44 @@ def test_gzip_header_claiming_50_times_its_stream_allocates_only_the_stream(tmp_
         and message.endswith(f"Received: {len(payload)} payload bytes")
     )
     assert peak < 2 * MIB + len(payload)
+
+
+@pytest.mark.parametrize(
+    "weights, fragment",
+    [
+        ({1: 0.5}, "task names must be non-empty strings. Received: 1"),
+        ({"digit": 1, " digit": 0}, "'digit' is given twice"),
+    ],
+)
+def test_loss_weights_keys_that_are_not_distinct_task_names(weights, fragment):
+    # Were an AttributeError (a YAML integer key) and a silent overwrite (the second weight won).
+    with pytest.raises(ValueError, match=fragment):
+        experiment.load_config({"loss_weights": weights})
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [("deep.json", '{"tasks": ' + "[" * 5000 + "]" * 5000 + "}"), ("deep.yaml", "tasks: " + "{a: " * 2000)],
+)
+def test_deeply_nested_config_is_a_value_error(tmp_path, name, text):
+    # Was a RecursionError.
+    (tmp_path / name).write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match="nests its values too deeply"):
+        experiment.load_config(tmp_path / name)
+
+
+def test_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path):
+    # Was a 580 kB error message at 5 levels (the repr of the expanded lists), 6 GB at 9.
+    levels = ["&a0 [" + ", ".join(["lol"] * 10) + "]"] + [
+        f"&a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 9)
+    ]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("tasks: [" + ", ".join(levels) + "]\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"aliases expand to \d+ values, more than the 10000"):
+        experiment.load_config(path)
+
+
+def test_a_config_path_without_end_is_read_boundedly():
+    # Was an unbounded read (all memory) of /dev/zero.
+    with pytest.raises(ValueError, match="larger than 1048576 characters|not valid JSON|Cannot read"):
+        experiment.load_config("/dev/zero")
