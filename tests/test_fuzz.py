@@ -358,6 +358,238 @@ def test_yaml_alias_expansion_is_bounded(tmp_path, key, width, depth):
     assert peak < 20 * MIB
 
 
+# --------------------------------------------------------------------------- aggregators
+
+#: Every strategy is built for this many tasks; a smaller T pads with absent tasks.
+MAX_TASKS = 8
+_STRATEGIES = {}
+
+
+def _gram_strategy(name, **kwargs):
+    """A built strategy and its weights function on a padded float64 Gram matrix (traced once)."""
+    key = (name, tuple(sorted(kwargs.items())))
+    if key not in _STRATEGIES:
+        import tensorflow as tf
+
+        import kmtl
+
+        strategy = kmtl.weighting.get(name, **kwargs)
+        strategy.build([f"t{i}" for i in range(MAX_TASKS)])
+        function = tf.function(
+            lambda gram, present: strategy.weights_from_gram(
+                gram, tf.ones(MAX_TASKS, tf.float64), present, tf.constant(0, tf.int64), strategy.state()
+            )[0]
+        )
+        _STRATEGIES[key] = strategy, function
+    return _STRATEGIES[key]
+
+
+def _weights(name, G, **kwargs):
+    """The strategy's task weights for the rows of `G` (float64), absent padding checked to be 0."""
+    strategy, function = _gram_strategy(name, **kwargs)
+    rows = np.zeros((MAX_TASKS, G.shape[1]))
+    rows[: len(G)] = G
+    present = np.arange(MAX_TASKS) < len(G)
+    alpha = np.asarray(function(rows @ rows.T, present), np.float64)
+    assert np.all(np.isfinite(alpha)), f"{name}: non-finite weights {alpha}"
+    assert np.all(alpha[len(G) :] == 0), f"{name}: absent tasks got weights {alpha[len(G) :]}"
+    return alpha[: len(G)]
+
+
+@st.composite
+def _gradients(draw, max_tasks=MAX_TASKS, max_dim=64):
+    """A T x D matrix, 2 <= T <= 8, 1 <= D <= 64, of one of several hard shapes, norms 1e-3..1e3."""
+    T = draw(st.integers(2, max_tasks))
+    D = draw(st.integers(1, max_dim))
+    kind = draw(st.sampled_from(["gaussian", "parallel", "opposite", "low_rank", "zero_row", "conflicting"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    G = rng.normal(size=(T, D))
+    if kind == "parallel":
+        G = rng.uniform(0.5, 2, (T, 1)) * (rng.normal(size=D) + 1e-4 * G)
+    elif kind == "opposite":
+        G[1] = -rng.uniform(0.1, 10) * G[0]
+    elif kind == "low_rank":
+        rank = draw(st.integers(1, max(1, min(T, D) - 1)))
+        G = rng.normal(size=(T, rank)) @ rng.normal(size=(rank, D))
+    elif kind == "conflicting":
+        G = G - 0.9 * G.mean(0)
+    norms = np.linalg.norm(G, axis=1, keepdims=True)
+    G = G / np.where(norms > 0, norms, 1) * 10.0 ** rng.uniform(-3, 3, (T, 1))
+    if kind == "zero_row":
+        G[draw(st.integers(0, T - 1))] = 0
+    assume(np.abs(G).max() > 0)
+    return G
+
+
+def _summary(G):
+    return f"G of shape {G.shape}, row norms {np.linalg.norm(G, axis=1)}"
+
+
+@fuzz(60)
+@given(G=_gradients())
+def test_upgrad_update_conflicts_with_no_task(G):
+    d = _weights("upgrad", G) @ G
+    norms = np.linalg.norm(G, axis=1)
+    if np.linalg.norm(d) > 1e-12 * norms.max():
+        nonzero = norms > 0
+        cosines = G[nonzero] @ d / (norms[nonzero] * np.linalg.norm(d))
+        assert cosines.min() >= -1e-8, f"min cosine {cosines.min():.2e}; {_summary(G)}"
+
+
+def _min_norm_reference(G):
+    """`min_{w in simplex} |G^T w|^2` by scipy's SLSQP on unit-scaled gradients (tests only)."""
+    import scipy.optimize
+
+    scale = np.linalg.norm(G, axis=1).max()
+    K = (G / scale) @ (G / scale).T
+    T = len(G)
+    best = np.inf
+    for start in (np.full(T, 1.0 / T), np.eye(T)[np.argmin(np.diag(K))]):
+        result = scipy.optimize.minimize(
+            lambda w: w @ K @ w,
+            start,
+            jac=lambda w: 2 * K @ w,
+            bounds=[(0, 1)] * T,
+            constraints=[{"type": "eq", "fun": lambda w: w.sum() - 1, "jac": lambda w: np.ones(T)}],
+            method="SLSQP",
+            options={"ftol": 1e-15, "maxiter": 500},
+        )
+        w = np.clip(result.x, 0, None) / np.clip(result.x, 0, None).sum()
+        best = min(best, w @ K @ w)
+    return best * scale**2
+
+
+@fuzz(40)
+@given(G=_gradients())
+def test_mgda_finds_the_min_norm_point_of_the_convex_hull(G):
+    alpha = _weights("mgda", G)
+    assert alpha.min() >= 0 and abs(alpha.sum() - 1) < 1e-12, f"alpha={alpha} not on the simplex"
+    d = alpha @ G
+    scale = np.linalg.norm(G, axis=1).max() ** 2
+    # At least as short as scipy's point (which is feasible), up to scipy's own tolerance.
+    reference = _min_norm_reference(G)
+    assert d @ d <= reference + 1e-9 * scale, f"|d|^2={d @ d:.6e} > scipy's {reference:.6e}; {_summary(G)}"
+    # And optimal: the KKT conditions g_t . d >= |d|^2 for every task.
+    assert (G @ d - d @ d).min() >= -1e-9 * scale, f"KKT violated; {_summary(G)}"
+
+
+@fuzz(40)
+@given(G=_gradients(), c=st.sampled_from([0.1, 0.4, 1.0, 5.0]))
+def test_cagrad_stays_in_its_ball_and_improves_the_worst_task(G, c):
+    d = _weights("cagrad", G, c=c, rescale=0) @ G
+    g0 = G.mean(0)
+    norms = np.linalg.norm(G, axis=1)
+    assert np.linalg.norm(d - g0) <= c * np.linalg.norm(g0) * (1 + 1e-9) + 1e-12 * norms.max()
+    # g_0 itself lies in the ball, so the optimum's worst task is at least as well off.
+    tolerance = 1e-9 * norms.max() * max(np.linalg.norm(g0), 1e-300)
+    assert (G @ d).min() >= (G @ g0).min() - tolerance, f"worse than g_0; {_summary(G)}"
+
+
+@fuzz(40)
+@given(G=_gradients())
+def test_nash_mtl_solves_the_bargaining_equations(G):
+    strategy, _ = _gram_strategy("nash_mtl")
+    alpha = _weights("nash_mtl", G)
+    norms = np.linalg.norm(G, axis=1)
+    zero = norms == 0
+    assert np.all(alpha[zero] == 0), "a zero gradient got a weight"
+    K = G @ G.T
+    # (K alpha)_t alpha_t + ridge |g_t|^2 alpha_t^2 = 1 for every task with a direction.
+    ridged = ((K @ alpha) * alpha + strategy.ridge * norms**2 * alpha**2)[~zero]
+    if not np.any(zero) or True:
+        assert np.abs(ridged - 1).max() < 1e-6, (
+            f"equations off by {np.abs(ridged - 1).max():.2e}; {_summary(G)}"
+        )
+    assert np.all(alpha[~zero] > 0)
+
+
+@fuzz(40)
+@given(G=_gradients())
+def test_imtl_projections_are_equal_when_the_gradients_are_independent(G):
+    alpha = _weights("imtl", G)
+    norms = np.linalg.norm(G, axis=1)
+    nonzero = norms > 0
+    assert np.all(alpha[~nonzero] == 0)
+    units = G[nonzero] / norms[nonzero, None]
+    singular = np.linalg.svd(units, compute_uv=False)
+    if nonzero.sum() <= G.shape[1] and singular.min() > 1e-3:  # independent, well conditioned
+        assert abs(alpha.sum() - 1) < 1e-9
+        projections = units @ (alpha @ G)
+        spread = np.ptp(projections) / np.abs(projections).max()
+        assert spread < 1e-7, f"projections {projections}; {_summary(G)}"
+
+
+@fuzz(40)
+@given(G=_gradients())
+def test_pcgrad_without_conflicts_is_the_sum_and_matches_the_surgery(G):
+    from _weighting_helpers import pcgrad_reference
+
+    from kmtl.weighting import _random
+
+    strategy, _ = _gram_strategy("pcgrad", seed=3)
+    alpha = _weights("pcgrad", G, seed=3)
+    rows = np.zeros((MAX_TASKS, G.shape[1]))
+    rows[: len(G)] = G
+    orders = _random.orders(_random.key(strategy.seed, 0), MAX_TASKS).numpy()
+    reference = pcgrad_reference(rows, orders)
+    norms = np.linalg.norm(G, axis=1)
+    error = np.linalg.norm(alpha @ G - reference) / norms.max()
+    assert error < 1e-9, f"relative error {error:.2e}; {_summary(G)}"
+    if (G @ G.T).min() >= 0:
+        np.testing.assert_array_equal(alpha, np.ones(len(G)))
+
+
+@fuzz(25)
+@given(G=_gradients(), power=st.integers(-20, 20))
+def test_scale_free_strategies_are_scale_free(G, power):
+    """`alpha(c G) = alpha(G)` (Nash-MTL: `alpha(G) / c`), as their docstrings promise; c a power of 2."""
+    c = 2.0**power
+    for name, kwargs, exponent in [
+        ("upgrad", {}, 0),
+        ("mgda", {}, 0),
+        ("imtl", {}, 0),
+        ("aligned_mtl", {}, 0),
+        ("pcgrad", {"seed": 3}, 0),
+        ("cagrad", {"rescale": 0}, 0),
+        ("nash_mtl", {}, -1),
+    ]:
+        alpha, scaled = _weights(name, G, **kwargs), _weights(name, c * G, **kwargs)
+        # Relative to the update: rows of tiny norm may carry weights that do not matter.
+        norms = np.linalg.norm(G, axis=1)
+        gap = np.linalg.norm((scaled * c**-exponent - alpha) @ G) / max(
+            np.linalg.norm(alpha @ G), 1e-6 * norms.max() * np.abs(alpha).max(), 1e-300
+        )
+        assert gap < 1e-6, f"{name}: alpha(cG) differs by {gap:.2e} for c=2**{power}; {_summary(G)}"
+
+
+@fuzz(40)
+@given(G=_gradients())
+def test_aligned_mtl_and_gradvac_give_finite_weights(G):
+    for name, kwargs in [("aligned_mtl", {}), ("gradvac", {"seed": 1, "beta": 0.5})]:
+        _weights(name, G, **kwargs)  # finite, absent tasks 0 (checked there)
+    # Aligned-MTL: orthogonal gradients are rescaled to the smallest norm.
+    norms = np.linalg.norm(G, axis=1)
+    orthogonal = np.linalg.qr(np.random.default_rng(0).normal(size=(max(G.shape[1], len(G)), len(G))))[0].T
+    Q = orthogonal * norms[:, None]
+    if norms.min() > 0:
+        alpha = _weights("aligned_mtl", Q)
+        np.testing.assert_allclose(alpha, norms.min() / norms, rtol=1e-8)
+
+
+@fuzz(30)
+@given(G=_gradients(max_dim=16), leak=st.sampled_from([0.0, 0.3, 1.0]))
+def test_graddrop_keeps_every_coordinate_the_tasks_agree_on(G, leak):
+    import kmtl
+
+    strategy = kmtl.weighting.GradDrop(leak=leak, seed=0)
+    update = np.asarray(strategy.aggregate(G), np.float64)
+    assert np.all(np.isfinite(update))
+    agree = np.all(G > 0, axis=0) | np.all(G < 0, axis=0)
+    np.testing.assert_allclose(update[agree], G.sum(0)[agree], rtol=1e-5)
+    if leak == 1.0:
+        np.testing.assert_allclose(update, G.sum(0), rtol=1e-5, atol=1e-6 * np.abs(G).max())
+
+
 # Regressions found by the tests above.
 @pytest.mark.parametrize("gz", [False, True])
 def test_zero_size_dims_numpy_cannot_represent_are_an_idx_error(tmp_path, gz):
@@ -424,3 +656,20 @@ def test_a_config_path_without_end_is_read_boundedly():
     # Was an unbounded read (all memory) of /dev/zero.
     with pytest.raises(ValueError, match="larger than 1048576 characters|not valid JSON|Cannot read"):
         experiment.load_config("/dev/zero")
+
+
+def test_graddrop_keeps_a_coordinate_every_task_pushes_down_when_the_draw_is_zero():
+    import kmtl
+
+    # Seed 0's first draw is exactly 0.0: purity 0 is not < 0, so the column was dropped (update 0).
+    G = np.array([[-299.59424297], [-4.36329579]])
+    np.testing.assert_allclose(kmtl.weighting.GradDrop(seed=0).aggregate(G), G.sum(0))
+
+
+def test_graddrop_keeps_unanimous_float16_coordinates():
+    import kmtl
+
+    # A draw near 1 cast to float16 became 1.0: purity 1 is not > 1, so 2 of these columns were dropped.
+    G = (np.abs(np.random.default_rng(0).normal(size=(2, 20000))) + 0.1).astype(np.float16)
+    update = np.asarray(kmtl.weighting.GradDrop(seed=0).aggregate(G))
+    assert np.all(update != 0)
