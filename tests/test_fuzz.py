@@ -358,6 +358,85 @@ def test_yaml_alias_expansion_is_bounded(tmp_path, key, width, depth):
     assert peak < 20 * MIB
 
 
+# --------------------------------------------------------------------------- the data mixer
+
+_NUMBERS = (
+    st.integers(-2, 6)
+    | st.sampled_from([2**31, 2**63, 2**70, True, 2.0, float("nan"), float("inf"), 1e-300, 1e300, "4", None])
+    | st.floats(-1, 1e3)
+)
+
+
+@st.composite
+def _mix_arguments(draw):
+    """`(datasets, kwargs, labels)`: 1 to 3 small tasks with random sizes, some deliberately wrong."""
+    import tensorflow as tf
+
+    names = draw(
+        st.lists(st.sampled_from(["a", "b", "c", "not valid", "9"]), min_size=0, max_size=3, unique=True)
+    )
+    width = draw(st.sampled_from([2, 3]))
+    datasets, labels = {}, {}
+    for index, name in enumerate(names):
+        size = draw(st.integers(1, 12))
+        fault = draw(
+            st.sampled_from([None] * 6 + ["key", "batched", "width", "dtype", "not_a_dataset", "empty"])
+        )
+        x = np.full((size, width + (fault == "width")), index, np.float32 if fault != "dtype" else np.int32)
+        y = np.arange(size, dtype=np.int64) + 100 * index
+        labels[name] = set(y.tolist())
+        key = name if fault != "key" else name + "_other"
+        dataset = tf.data.Dataset.from_tensor_slices((x, {key: y}))
+        if fault == "batched":
+            dataset = dataset.batch(2)
+        elif fault == "empty":
+            dataset = dataset.take(0)
+        datasets[name] = dataset if fault != "not_a_dataset" else (x, {key: y})
+    kwargs = {}
+    for argument in ("batch_size", "epoch_length", "num_epochs", "temperature", "seed"):
+        if draw(st.booleans()):
+            kwargs[argument] = draw(_NUMBERS)
+    kwargs["sampler"] = draw(
+        st.sampled_from(["uniform", "proportional", "annealed", "round_robin", "random"])
+    )
+    kwargs["routed"] = draw(st.booleans())
+    if draw(st.integers(0, 3)) == 0:
+        kwargs["sizes"] = draw(st.dictionaries(st.sampled_from(["a", "b", "z"]), _NUMBERS, max_size=2))
+    return datasets, kwargs, labels
+
+
+@fuzz(60)
+@given(arguments=_mix_arguments())
+def test_mix_gives_a_clear_error_or_correct_batches(arguments):
+    from kmtl.data import mix
+
+    datasets, kwargs, labels = arguments
+    try:
+        mixed = mix(datasets, **kwargs)
+    except (ValueError, TypeError) as error:
+        assert "Received" in str(error), str(error)
+        return
+    batch_size = kwargs.get("batch_size", 256)
+    steps = int(mixed.cardinality())
+    assert steps >= 1
+    for x, y, mask in mixed.take(3):
+        assert sorted(y) == sorted(mask) == sorted(datasets)
+        masks = np.stack([mask[task].numpy() for task in sorted(datasets)])
+        assert set(np.unique(masks)) <= {0.0, 1.0}
+        np.testing.assert_array_equal(masks.sum(0), 1.0)  # every example belongs to one task
+        assert 1 <= masks.shape[1] <= batch_size
+        for row, task in enumerate(sorted(datasets)):
+            own = masks[row] == 1
+            assert set(y[task].numpy()[own].tolist()) <= labels[task]
+            inputs = x[task] if kwargs["routed"] else x
+            # Each task's inputs are filled with its index in `datasets` (routed: zeros elsewhere).
+            expected = list(datasets).index(task)
+            np.testing.assert_array_equal(inputs.numpy()[own], expected)
+    if kwargs["sampler"] != "annealed":
+        epoch = kwargs.get("epoch_length") or sum(len(labels[t]) for t in datasets)
+        assert steps == -(-epoch // batch_size)
+
+
 # --------------------------------------------------------------------------- aggregators
 
 #: Every strategy is built for this many tasks; a smaller T pads with absent tasks.
@@ -425,7 +504,7 @@ def _summary(G):
     return f"G of shape {G.shape}, row norms {np.linalg.norm(G, axis=1)}"
 
 
-@fuzz(60)
+@fuzz(25)
 @given(G=_gradients())
 def test_upgrad_update_conflicts_with_no_task(G):
     d = _weights("upgrad", G) @ G
@@ -459,7 +538,7 @@ def _min_norm_reference(G):
     return best * scale**2
 
 
-@fuzz(40)
+@fuzz(25)
 @given(G=_gradients())
 def test_mgda_finds_the_min_norm_point_of_the_convex_hull(G):
     alpha = _weights("mgda", G)
@@ -473,7 +552,7 @@ def test_mgda_finds_the_min_norm_point_of_the_convex_hull(G):
     assert (G @ d - d @ d).min() >= -1e-9 * scale, f"KKT violated; {_summary(G)}"
 
 
-@fuzz(40)
+@fuzz(20)
 @given(G=_gradients(), c=st.sampled_from([0.1, 0.4, 1.0, 5.0]))
 def test_cagrad_stays_in_its_ball_and_improves_the_worst_task(G, c):
     d = _weights("cagrad", G, c=c, rescale=0) @ G
@@ -485,7 +564,7 @@ def test_cagrad_stays_in_its_ball_and_improves_the_worst_task(G, c):
     assert (G @ d).min() >= (G @ g0).min() - tolerance, f"worse than g_0; {_summary(G)}"
 
 
-@fuzz(40)
+@fuzz(25)
 @given(G=_gradients())
 def test_nash_mtl_solves_the_bargaining_equations(G):
     strategy, _ = _gram_strategy("nash_mtl")
@@ -496,14 +575,11 @@ def test_nash_mtl_solves_the_bargaining_equations(G):
     K = G @ G.T
     # (K alpha)_t alpha_t + ridge |g_t|^2 alpha_t^2 = 1 for every task with a direction.
     ridged = ((K @ alpha) * alpha + strategy.ridge * norms**2 * alpha**2)[~zero]
-    if not np.any(zero) or True:
-        assert np.abs(ridged - 1).max() < 1e-6, (
-            f"equations off by {np.abs(ridged - 1).max():.2e}; {_summary(G)}"
-        )
+    assert np.abs(ridged - 1).max() < 1e-6, f"equations off by {np.abs(ridged - 1).max():.2e}; {_summary(G)}"
     assert np.all(alpha[~zero] > 0)
 
 
-@fuzz(40)
+@fuzz(20)
 @given(G=_gradients())
 def test_imtl_projections_are_equal_when_the_gradients_are_independent(G):
     alpha = _weights("imtl", G)
@@ -519,7 +595,7 @@ def test_imtl_projections_are_equal_when_the_gradients_are_independent(G):
         assert spread < 1e-7, f"projections {projections}; {_summary(G)}"
 
 
-@fuzz(40)
+@fuzz(20)
 @given(G=_gradients())
 def test_pcgrad_without_conflicts_is_the_sum_and_matches_the_surgery(G):
     from _weighting_helpers import pcgrad_reference
@@ -539,7 +615,7 @@ def test_pcgrad_without_conflicts_is_the_sum_and_matches_the_surgery(G):
         np.testing.assert_array_equal(alpha, np.ones(len(G)))
 
 
-@fuzz(25)
+@fuzz(8)
 @given(G=_gradients(), power=st.integers(-20, 20))
 def test_scale_free_strategies_are_scale_free(G, power):
     """`alpha(c G) = alpha(G)` (Nash-MTL: `alpha(G) / c`), as their docstrings promise; c a power of 2."""
@@ -562,7 +638,7 @@ def test_scale_free_strategies_are_scale_free(G, power):
         assert gap < 1e-6, f"{name}: alpha(cG) differs by {gap:.2e} for c=2**{power}; {_summary(G)}"
 
 
-@fuzz(40)
+@fuzz(15)
 @given(G=_gradients())
 def test_aligned_mtl_and_gradvac_give_finite_weights(G):
     for name, kwargs in [("aligned_mtl", {}), ("gradvac", {"seed": 1, "beta": 0.5})]:
@@ -576,7 +652,7 @@ def test_aligned_mtl_and_gradvac_give_finite_weights(G):
         np.testing.assert_allclose(alpha, norms.min() / norms, rtol=1e-8)
 
 
-@fuzz(30)
+@fuzz(10)
 @given(G=_gradients(max_dim=16), leak=st.sampled_from([0.0, 0.3, 1.0]))
 def test_graddrop_keeps_every_coordinate_the_tasks_agree_on(G, leak):
     import kmtl
@@ -588,6 +664,33 @@ def test_graddrop_keeps_every_coordinate_the_tasks_agree_on(G, leak):
     np.testing.assert_allclose(update[agree], G.sum(0)[agree], rtol=1e-5)
     if leak == 1.0:
         np.testing.assert_allclose(update, G.sum(0), rtol=1e-5, atol=1e-6 * np.abs(G).max())
+
+
+# --------------------------------------------------------------------------- .keras files
+
+
+@pytest.mark.parametrize("where", ["top", "nested"])
+def test_load_keras_refuses_a_lambda_layer_holding_python_code(tmp_path, where):
+    """A crafted `.keras` whose config carries a serialized Python function: Keras's safe_mode refuses it."""
+    import keras
+
+    from kmtl import export
+
+    marker = tmp_path / "executed"
+    inputs = keras.Input((2,))
+    # The function would write `marker` if it were ever deserialized and run.
+    layer = keras.layers.Lambda(lambda x, path=str(marker): (open(path, "w").close(), x)[1])
+    if where == "nested":
+        inner = keras.Sequential([keras.Input((2,)), layer])
+        model = keras.Model(inputs, keras.layers.Dense(1)(inner(inputs)))
+    else:
+        model = keras.Model(inputs, keras.layers.Dense(1)(layer(inputs)))
+    path = tmp_path / "crafted.keras"
+    model.save(path)
+    marker.unlink(missing_ok=True)  # saving traced the function
+    with pytest.raises(ValueError, match="safe_mode"):
+        export.load_keras(path)
+    assert not marker.exists()
 
 
 # Regressions found by the tests above.
@@ -673,3 +776,35 @@ def test_graddrop_keeps_unanimous_float16_coordinates():
     G = (np.abs(np.random.default_rng(0).normal(size=(2, 20000))) + 0.1).astype(np.float16)
     update = np.asarray(kmtl.weighting.GradDrop(seed=0).aggregate(G))
     assert np.all(update != 0)
+
+
+def _two_tasks():
+    import tensorflow as tf
+
+    return {
+        name: tf.data.Dataset.from_tensor_slices((np.zeros((n, 2), np.float32), {name: np.arange(n)}))
+        for name, n in (("a", 100), ("b", 1000))
+    }
+
+
+def test_mix_proportional_at_a_low_temperature_samples_the_largest_task():
+    from kmtl.data import mix
+
+    # n ** (1 / 0.001) overflowed to inf and the probabilities to NaN: "Selector index out of range".
+    _, _, mask = next(iter(mix(_two_tasks(), sampler="proportional", temperature=1e-3, batch_size=8)))
+    np.testing.assert_array_equal(mask["b"], np.ones(8))
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"seed": 2**70}, r"`seed` must be an integer in \[0, 2\*\*63\)"),  # was accepted
+        ({"epoch_length": 2**70}, "more than tf.data can count"),  # was a StagingError
+        ({"sampler": "annealed", "num_epochs": 2**62}, "more than tf.data can count"),
+    ],
+)
+def test_mix_refuses_counts_beyond_int64(kwargs, fragment):
+    from kmtl.data import mix
+
+    with pytest.raises(ValueError, match=fragment):
+        mix(_two_tasks(), batch_size=8, **kwargs)
