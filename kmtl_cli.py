@@ -509,14 +509,17 @@ def _read_mapping(path, what, kind: str, container: str, parse, syntax_errors) -
         raise UsageError(f"Cannot read {what} {path}: {error}") from None
     if len(text) > MAX_CONFIG_BYTES:
         raise UsageError(
-            f"{what} {path} is larger than {MAX_CONFIG_BYTES} characters; it is not a config file"
+            f"{what} {path} is larger than {MAX_CONFIG_BYTES} characters; it is not a config file. "
+            f"Received: more than {MAX_CONFIG_BYTES} characters"
         )
     try:
         value = parse(text)
     except syntax_errors as error:
         raise UsageError(f"{what} {path} is not valid {kind}: {error}") from None
     except RecursionError:
-        raise UsageError(f"{what} {path} nests its values too deeply to be a config") from None
+        raise UsageError(
+            f"{what} {path} nests its values too deeply to be a config. Received: {len(text)} characters"
+        ) from None
     except UsageError as error:
         raise UsageError(f"{what} {path}: {error}") from None
     if not isinstance(value, dict):
@@ -577,7 +580,7 @@ def _read_yaml_object(path, what) -> dict:
             if expanded > MAX_YAML_NODES:
                 raise UsageError(
                     f"its aliases expand to {expanded} values, more than the {MAX_YAML_NODES} a config "
-                    f"may hold (an alias bomb?)"
+                    f"may hold (an alias bomb?). Received: {len(text)} characters"
                 )
             return loader.construct_document(node)
         finally:
@@ -590,11 +593,13 @@ def read_config_file(path, what="--config") -> dict:
     """Reads a config file: YAML for a `.yaml`/`.yml` name, else JSON.
 
     YAML is read as `yaml.safe_load` does (plain values only), except that
-    a key given twice is refused, as in JSON files.
+    a key given twice is refused, as in JSON files, and so is a document
+    whose aliases expand to more than `MAX_YAML_NODES` values.
 
     Raises:
         UsageError: naming the file, for a missing, unreadable or malformed
-            file, or one that does not hold a mapping.
+            file, one larger than `MAX_CONFIG_BYTES` characters or nested
+            too deeply to parse, or one that does not hold a mapping.
     """
     if str(path).lower().endswith((".yaml", ".yml")):
         return _read_yaml_object(path, what)
