@@ -95,6 +95,10 @@ EVALUATE_DEFAULTS = {
 #: The keys of a run's `config.json` that `kmtl evaluate` uses.
 RUN_CONFIG_KEYS = ("dataset", "tasks", "source", "data_dir")
 MAX_SEED = 2**32 - 1
+#: A --config file larger than this is refused (configs are a few hundred bytes).
+MAX_CONFIG_BYTES = 1 << 20
+#: A YAML config whose aliases expand to more nodes than this is refused ("billion laughs").
+MAX_YAML_NODES = 10_000
 
 
 class UsageError(Exception):
@@ -361,8 +365,10 @@ def _loss_weights(label, value):
             weights[name] = _weight(label, name, number, text=value)
     elif isinstance(value, dict):
         for name, number in value.items():
-            if not name.strip():
-                raise UsageError(f"{label}: a task name is empty. Received: {value!r}")
+            if not isinstance(name, str) or not name.strip():
+                raise UsageError(f"{label}: task names must be non-empty strings. Received: {name!r}")
+            if name.strip() in weights:
+                raise UsageError(f"{label}: task {name.strip()!r} is given twice. Received: {value!r}")
             weights[name.strip()] = _weight(label, name, number)
     else:
         raise UsageError(
@@ -504,13 +510,22 @@ def _read_mapping(path, what, kind: str, container: str, parse, syntax_errors) -
         raise UsageError(f"{what} {path} is a directory, not a {kind} file")
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            text = f.read(MAX_CONFIG_BYTES + 1)  # a bounded read: the path may be /dev/zero
     except (OSError, UnicodeDecodeError) as error:
         raise UsageError(f"Cannot read {what} {path}: {error}") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise UsageError(
+            f"{what} {path} is larger than {MAX_CONFIG_BYTES} characters; it is not a config file. "
+            f"Received: more than {MAX_CONFIG_BYTES} characters"
+        )
     try:
         value = parse(text)
     except syntax_errors as error:
         raise UsageError(f"{what} {path} is not valid {kind}: {error}") from None
+    except RecursionError:
+        raise UsageError(
+            f"{what} {path} nests its values too deeply to be a config. Received: {len(text)} characters"
+        ) from None
     except UsageError as error:
         raise UsageError(f"{what} {path}: {error}") from None
     if not isinstance(value, dict):
@@ -540,6 +555,16 @@ def _yaml_mapping_without_duplicates(loader, node, deep=False):
     return loader.construct_mapping(node, deep=deep)
 
 
+def _yaml_expanded_size(node, sizes: dict) -> int:
+    """The number of nodes of a YAML document once its aliases are expanded (each node counted once)."""
+    if id(node) not in sizes:
+        sizes[id(node)] = 0  # a recursive alias counts once: PyYAML builds it as a cycle
+        children = node.value if isinstance(node.value, list) else []
+        pairs = [part for child in children for part in (child if isinstance(child, tuple) else (child,))]
+        sizes[id(node)] = min(1 + sum(_yaml_expanded_size(child, sizes) for child in pairs), 2**62)
+    return sizes[id(node)]
+
+
 def _read_yaml_object(path, what) -> dict:
     try:
         import yaml
@@ -552,7 +577,20 @@ def _read_yaml_object(path, what) -> dict:
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _yaml_mapping_without_duplicates)
 
     def parse(text):
-        return yaml.load(text, Loader=Loader)
+        loader = Loader(text)
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return None
+            expanded = _yaml_expanded_size(node, {})
+            if expanded > MAX_YAML_NODES:
+                raise UsageError(
+                    f"its aliases expand to {expanded} values, more than the {MAX_YAML_NODES} a config "
+                    f"may hold (an alias bomb?). Received: {len(text)} characters"
+                )
+            return loader.construct_document(node)
+        finally:
+            loader.dispose()
 
     return _read_mapping(path, what, "YAML", "mapping", parse, yaml.YAMLError)
 
@@ -561,11 +599,13 @@ def read_config_file(path, what="--config") -> dict:
     """Reads a config file: YAML for a `.yaml`/`.yml` name, else JSON.
 
     YAML is read as `yaml.safe_load` does (plain values only), except that
-    a key given twice is refused, as in JSON files.
+    a key given twice is refused, as in JSON files, and so is a document
+    whose aliases expand to more than `MAX_YAML_NODES` values.
 
     Raises:
         UsageError: naming the file, for a missing, unreadable or malformed
-            file, or one that does not hold a mapping.
+            file, one larger than `MAX_CONFIG_BYTES` characters or nested
+            too deeply to parse, or one that does not hold a mapping.
     """
     if str(path).lower().endswith((".yaml", ".yml")):
         return _read_yaml_object(path, what)

@@ -8,14 +8,18 @@ the values in C order. The official files are distributed gzipped.
 `ValueError`) naming the file and what was wrong, so that a truncated
 download or a file of the wrong kind never turns into silently wrong arrays.
 
-Memory is bounded by the size the header declares: the header is read
-first, a declared size the file cannot possibly hold is refused before
-anything is allocated (a raw file must be exactly header + payload long; a
-gzip file cannot inflate to more than about 1032 times its size, deflate's
-maximum ratio), the output array is allocated once at the declared size and
-filled in chunks of at most 1 MiB, and decompression stops as soon as the
-data goes past the declared size. A small gzip file that inflates to
-gigabytes (a "gzip bomb") is therefore rejected after a few MiB of work.
+Memory is bounded by the size the header declares and by the data the
+file really holds: the header is read first, a declared size the file
+cannot possibly hold is refused before anything is allocated (a raw file
+must be exactly header + payload long; a gzip file cannot inflate to more
+than about 1032 times its size, deflate's maximum ratio), the payload of a
+raw file is allocated once at its (verified) size, that of a gzip file or a
+pipe in a buffer that grows by a quarter as the data arrives (so a header
+claiming far more than the stream holds costs no more than what it holds),
+the data is read in chunks of at most 1 MiB, and decompression stops as
+soon as the data goes past the declared size. A small gzip file that
+inflates to gigabytes (a "gzip bomb") is therefore rejected after a few MiB
+of work.
 
 This module needs only NumPy and the standard library (not TensorFlow), so
 it can also be loaded on its own by file path.
@@ -216,6 +220,24 @@ def _read_header(stream, where: str) -> tuple[np.dtype, tuple[int, ...], int]:
     return _TYPES[type_code][0], dims, header
 
 
+def _read_payload(stream, expected: int, grow: bool) -> tuple[np.ndarray, int]:
+    """`(uint8 buffer, bytes filled)`: up to `expected` payload bytes of `stream`.
+
+    With `grow`, the buffer starts at 1 MiB and grows by a quarter whenever it is
+    full, so memory follows the bytes the stream really holds (at most a quarter
+    more) instead of the size its header claims; it ends at exactly `expected`.
+    """
+    buffer = np.empty(min(expected, _CHUNK) if grow else expected, np.uint8)
+    filled = 0
+    while True:
+        with memoryview(buffer) as view:
+            filled += stream.readinto(view[filled:])
+        if filled < len(buffer) or len(buffer) == expected:
+            return buffer, filled
+        # In place where the allocator can (no view of the buffer exists).
+        buffer.resize(min(expected, len(buffer) + max(len(buffer) // 4, _CHUNK)), refcheck=False)
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file, gzipped or raw, into a NumPy array.
 
@@ -224,9 +246,10 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     accepted (unsigned byte is the one used by MNIST, Fashion-MNIST and
     EMNIST); multi-byte values are converted to native byte order.
 
-    Memory stays within about 2 MiB of the payload size the header declares
-    (see the module docstring): sizes the file cannot hold are refused
-    before allocating, and decompression stops where the payload should end.
+    Memory stays within about 2 MiB of the payload size the header declares,
+    and of 1.25 times the payload the file really holds (see the module
+    docstring): sizes the file cannot hold are refused before allocating, and
+    decompression stops where the payload should end.
 
     Args:
         path: path of the file, e.g. `".../train-images-idx3-ubyte.gz"`.
@@ -284,15 +307,24 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                     f"{file_size} bytes inflates to at most about {limit} bytes (deflate's maximum "
                     f"ratio is about {_MAX_DEFLATE_RATIO}:1). Received: {file_size} gzip bytes"
                 )
-        native = dtype.newbyteorder("=")
+        spanned = dtype.itemsize
+        for size in dims:
+            spanned *= max(size, 1)
+        if spanned > sys.maxsize:  # NumPy refuses such dims even when one of them is 0
+            raise IDXError(
+                f"{where} has a corrupt header: {described}, but NumPy cannot make an array of these "
+                f"dimensions (the product of the non-zero ones exceeds {sys.maxsize} bytes). "
+                f"Received: dims={dims}"
+            )
+        # A raw file's size vouches for the payload: allocate it at once. A gzip stream or a pipe
+        # could be far shorter than its header claims: grow the buffer only as the data arrives.
+        known = file_size is not None and not gzipped
         try:
-            array = np.empty(dims, native)
+            payload, filled = _read_payload(stream, expected, grow=not known)
         except MemoryError:
             raise IDXError(
                 f"{where} declares more data than fits in memory: {described}. Received: dims={dims}"
             ) from None
-        with memoryview(array.reshape(-1).view(np.uint8)) as view:
-            filled = stream.readinto(view)
         if filled < expected:
             stream.more()  # a second gzip member or trailing bytes explain it better, if any
             raise IDXError(f"{where} is truncated: {described}. Received: {filled} payload bytes")
@@ -301,6 +333,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
                 f"{where} is longer than its header says: {described}. "
                 f"Received: more than {expected} payload bytes"
             )
+    array = payload.view(dtype.newbyteorder("=")).reshape(dims)
     if dtype.byteorder == ">":  # stored big-endian, not the native order
         array.byteswap(inplace=True)
     array.setflags(write=False)

@@ -54,6 +54,8 @@ SAMPLERS = ("uniform", "proportional", "annealed", "round_robin")
 _DEFAULT_TEMPERATURE = {"proportional": 1.0, "annealed": 5.0}
 # Examples per block when converting a task's examples to the mixed structure.
 _BLOCK = 64
+# tf.data's counts and seeds are int64.
+_INT64_LIMIT = 2**63
 
 
 def _spec_text(spec) -> str:
@@ -127,7 +129,9 @@ def _dataset_size(task, dataset, sizes) -> int:
 
 
 def _probabilities(sizes, exponent) -> np.ndarray:
-    weights = np.asarray(sizes, np.float64) ** exponent
+    # In log space: `n ** exponent` overflows to inf (and the ratio to NaN) for a large exponent.
+    logits = exponent * np.log(np.asarray(sizes, np.float64))
+    weights = np.exp(logits - logits.max())
     return weights / weights.sum()
 
 
@@ -213,7 +217,8 @@ def mix(
             a batched dataset, an unknown sampler, inputs that differ while
             `routed=False`, a bad numeric argument, or `sizes` that is not a
             dict, names an unknown task or holds a value that is not a
-            positive integer (0, negative, NaN, a float, a bool).
+            positive integer (0, negative, NaN, a float, a bool), a `seed`
+            outside [0, 2**63), or more examples than tf.data can count.
         TypeError: a value that is not a `tf.data.Dataset`.
 
     Example:
@@ -241,8 +246,8 @@ def mix(
             raise ValueError(f"Task names must be valid identifiers. Received: task={task!r}")
     batch_size = _positive_int(batch_size, "batch_size")
     epoch_length = _positive_int(epoch_length, "epoch_length", allow_none=True)
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"`seed` must be a non-negative integer. Received: seed={seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < _INT64_LIMIT:
+        raise ValueError(f"`seed` must be an integer in [0, 2**63). Received: seed={seed!r}")
     if temperature is None:
         temperature = _DEFAULT_TEMPERATURE.get(sampler, 1.0)
     if not (
@@ -273,6 +278,13 @@ def mix(
     counts = [_dataset_size(t, datasets[t], sizes) for t in tasks] if needs_sizes else None
     if epoch_length is None:
         epoch_length = int(sum(counts))
+    batches = -(-epoch_length // batch_size) * (num_epochs if sampler == "annealed" else 1)
+    if max(epoch_length, batches * batch_size) >= _INT64_LIMIT:  # tf.data counts in int64
+        raise ValueError(
+            f"The mixed stream would hold {batches} batches of {batch_size} examples, more than tf.data "
+            f"can count (2**63). Received: epoch_length={epoch_length}, batch_size={batch_size}, "
+            f"num_epochs={num_epochs}"
+        )
 
     def to_multitask(task):
         # Converts a block of examples of `task` to the common structure; done
@@ -313,7 +325,8 @@ def mix(
         table = _probabilities(counts, 1.0 / temperature)[None, :]
     else:
         table = annealed_probabilities(counts, num_epochs, temperature)
-    logits = tf.constant(np.log(table), tf.float32)
+    with np.errstate(divide="ignore"):  # a probability that underflowed to 0: logit -inf, never drawn
+        logits = tf.constant(np.log(table), tf.float32)
     passes = len(table)
 
     def choices(pass_seed):

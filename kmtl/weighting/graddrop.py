@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keras
 from keras import ops
 
 from kmtl import backend
@@ -141,7 +142,15 @@ class GradDrop(Weighting):
             nonzero = magnitude > 0
             ratio = ops.where(nonzero, total / ops.where(nonzero, magnitude, ops.ones_like(magnitude)), 0.0)
             purity = 0.5 * (1.0 + ratio)
-            noise = ops.cast(_random.uniform(key, tuple(ops.shape(purity)), stream=index), g.dtype)
+            # U in (0, 1), compared in at least float32: a U of exactly 0 (a float32 draw can be)
+            # would drop a coordinate every task pushes down (purity 0 is not < 0), and a U near 1
+            # rounded to 1.0 in a 16-bit dtype one every task pushes up (purity 1 is not > 1).
+            noise = _random.uniform(key, tuple(ops.shape(purity)), stream=index)
+            noise = ops.where(noise > 0, noise, 2.0**-25)
+            if keras.backend.standardize_dtype(g.dtype) in ("float32", "float64"):
+                noise = ops.cast(noise, g.dtype)
+            else:
+                purity = ops.cast(purity, "float32")
             keep = ops.logical_or(
                 ops.logical_and(signal > 0, purity > noise), ops.logical_and(signal < 0, purity < noise)
             )
