@@ -42,7 +42,7 @@ def _train(options) -> int:
     run_name = options["run_name"] or f"{options['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
     from kmtl import experiment
 
-    experiment.train_run(options, Path(options["out"]) / run_name)
+    experiment.train_run(options, Path(options["out"]) / run_name, resume=options.get("resume", True))
     return 0
 
 
@@ -50,7 +50,7 @@ def _train_experiment(options) -> int:
     from kmtl import experiment
 
     config = {key: options[key] for key in kmtl_cli.CONFIG_KEYS if key in options and key != "seed"}
-    result = experiment.run(config, force=options["force"])
+    result = experiment.run(config, force=options["force"], resume=options.get("resume", True))
     print(result)
     return 0
 
