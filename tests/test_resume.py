@@ -1,0 +1,223 @@
+"""A run killed mid-epoch and restarted ends where an uninterrupted run ends.
+
+Each test runs fresh Python processes (as a user restarting a command does):
+the script below trains a tiny digits model with `kmtl.callbacks.fit_resumable`
+for several strategies, interrupting and resuming each, and compares the final
+weights, optimizer variables, strategy state and history with an uninterrupted
+run of the same seed. A real SIGKILL (of the script itself, and of `kmtl train`
+while it runs) checks that nothing depends on a clean exit.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRIPT = r'''
+import json, os, signal, sys
+import numpy as np
+import keras
+import kmtl
+from kmtl import callbacks, data, trunks
+
+EPOCHS, BATCH, LIMIT = 3, 32, 160  # 5 batches per epoch
+STRATEGIES = {
+    "uncertainty": "uncertainty",
+    "dwa": "dwa",
+    "rlw": {"name": "rlw", "seed": 7},
+    "pcgrad": {"name": "pcgrad", "seed": 7},
+    "famo": "famo",
+    "gradnorm": "gradnorm",
+}
+KILL_AT = os.environ.get("TEST_KILL_AT")  # read by this script only: kmtl knows nothing of it
+
+
+class Interrupt(Exception):
+    pass
+
+
+class Stopper(keras.callbacks.Callback):
+    """Stops the process (SIGKILL) or the fit (an exception) after global batch `at`."""
+
+    def __init__(self, at, kill):
+        super().__init__()
+        self.at, self.kill, self.epoch = at, kill, 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epoch, self.offset = epoch, 5 - self.params["steps"]
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch * 5 + self.offset + batch + 1 == self.at:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise Interrupt()
+
+
+def make_dataset(first, skip):
+    return data.task_dataset("digits", ["digit", "parity"], split=f"train[:{LIMIT}]", batch_size=BATCH,
+                             seed=3, epochs=(first, EPOCHS), skip_batches=skip)
+
+
+def train(name, directory, stop=None, save_every_steps=2):
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(0)
+    model = kmtl.build_model(input_shape=(8, 8, 1), trunk=trunks.get("dense:16"),
+                             heads=data.task_heads("digits", ["digit", "parity"]))
+    # Eager steps: 15 of them cost less than tracing the step (the `kmtl train` test runs graphs).
+    model.compile(optimizer=keras.optimizers.Adam(0.01), run_eagerly=True,
+                  weighting=kmtl.experiment.build_weighting(STRATEGIES[name]))
+    backup = callbacks.BackupAndRestore(directory, save_every_steps=save_every_steps, fingerprint=name)
+    history = callbacks.fit_resumable(model, make_dataset, EPOCHS, 5, backup,
+                                      callbacks=[] if stop is None else [stop], verbose=0)
+    return model, history, backup
+
+
+def snapshot(model, history):
+    out = {f"w{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)}
+    out.update({f"o{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.optimizer.variables)})
+    out.update({f"s_{k}": keras.ops.convert_to_numpy(v) for k, v in model.weighting.state_variables().items()})
+    out["history"] = np.array(json.dumps(history))
+    return out
+
+
+def compare(reference, result, label):
+    assert sorted(reference) == sorted(result), label
+    for key in reference:
+        if key == "history":
+            a, b = json.loads(str(reference[key])), json.loads(str(result[key]))
+            assert sorted(a) == sorted(b), (label, sorted(a), sorted(b))
+            for k in a:
+                assert len(a[k]) == EPOCHS and np.allclose(a[k], b[k], rtol=1e-5, atol=1e-6), (label, k, a[k], b[k])
+        else:
+            assert np.allclose(reference[key], result[key], rtol=1e-5, atol=1e-6), (label, key, reference[key], result[key])
+
+
+mode, root = sys.argv[1], sys.argv[2]
+if mode == "strategies":
+    for name in STRATEGIES:
+        model, history, backup = train(name, f"{root}/ref-{name}")
+        assert not os.path.exists(backup.path) or backup.position() == (EPOCHS, 0)
+        reference = snapshot(model, history)
+        np.savez(f"{root}/ref-{name}.npz", **reference)
+        assert int(model.optimizer.iterations) == EPOCHS * 5
+        directory = f"{root}/cut-{name}"
+        try:  # stop after batch 4 of epoch 3 (0-based 2); the last save was after its batch 2
+            train(name, directory, stop=Stopper(13, kill=False))
+            raise AssertionError("not interrupted")
+        except Interrupt:
+            pass
+        probe = callbacks.BackupAndRestore(directory, fingerprint=name)
+        assert probe.position() == (2, 2), probe.position()
+        # A save killed half-way leaves a temporary file: it is ignored.
+        with open(os.path.join(directory, ".checkpoint.npz.half.tmp"), "wb") as f:
+            f.write(b"PK\x03\x04 half a zip")
+        model, history, backup = train(name, directory)
+        assert int(model.optimizer.iterations) == EPOCHS * 5
+        compare(reference, snapshot(model, history), name)
+        print("resumed exactly:", name, flush=True)
+    # Another run's checkpoint, and an unreadable one, are refused with a message naming the file.
+    for fingerprint, corrupt in (("other", False), ("pcgrad", True)):
+        directory = f"{root}/cut-pcgrad"
+        if corrupt:
+            with open(os.path.join(directory, "checkpoint.npz"), "wb") as f:
+                f.write(b"not a checkpoint")
+        try:
+            callbacks.BackupAndRestore(directory, fingerprint=fingerprint).position()
+            raise AssertionError("accepted")
+        except ValueError as error:
+            message = str(error)
+            assert "checkpoint.npz" in message and ("another run" in message if not corrupt else "cannot be read" in message), message
+            print("refused:", message.split(";")[0], flush=True)
+elif mode == "kill":  # SIGKILL mid-epoch (at KILL_AT), then the same command again finishes
+    stop = Stopper(int(KILL_AT), kill=True) if KILL_AT else None
+    model, history, backup = train("pcgrad", f"{root}/killed", stop=stop, save_every_steps=1)
+    compare(dict(np.load(f"{root}/ref-pcgrad.npz")), snapshot(model, history), "pcgrad after SIGKILL")
+    print("resumed exactly after SIGKILL", flush=True)
+'''
+
+
+def _env():
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _script(tmp_path, *args, env=None, timeout=400):
+    path = tmp_path / "resume_script.py"
+    path.write_text(SCRIPT)
+    return subprocess.run(
+        [sys.executable, str(path), *args, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env or _env(),
+    )
+
+
+def test_interrupted_runs_resume_exactly_and_bad_checkpoints_are_refused(tmp_path):
+    result = _script(tmp_path, "strategies")
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("uncertainty", "dwa", "rlw", "pcgrad", "famo", "gradnorm"):
+        assert f"resumed exactly: {name}" in result.stdout
+    assert result.stdout.count("refused:") == 2
+    # SIGKILL of the process itself mid-epoch (global batch 8: epoch 2, batch 3), then the same command.
+    killed = _script(tmp_path, "kill", env=dict(_env(), TEST_KILL_AT="8"))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
+    checkpoint = json.loads(str(__import__("numpy").load(tmp_path / "killed" / "checkpoint.npz")["record"]))
+    assert (checkpoint["epoch"], checkpoint["step"]) == (1, 2)  # saved after every batch: the 7th
+    again = _script(tmp_path, "kill")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resumed exactly after SIGKILL" in again.stdout
+
+
+def _kmtl(*args, **popen):
+    return subprocess.Popen(
+        [sys.executable, "-m", "kmtl_cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        **popen,
+    )
+
+
+def test_kmtl_train_killed_mid_run_resumes_then_is_cached(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(
+        json.dumps(
+            {
+                "dataset": "digits",
+                "epochs": 6,
+                "train_limit": 800,
+                "batch_size": 32,
+                "weighting": "dwa",
+                "name": "run",
+                "out": str(tmp_path),
+                "verbose": 2,
+            }
+        )
+    )
+    command = ["train", "--config", str(config), "--seeds", "0"]
+    checkpoint = tmp_path / "run" / "seed-0" / "checkpoint" / "checkpoint.npz"
+    first = _kmtl(*command)
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert checkpoint.exists(), first.communicate()
+    first.send_signal(signal.SIGKILL)
+    first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    second = _kmtl(*command)
+    out, err = second.communicate(timeout=400)
+    assert second.returncode == 0, out + err
+    assert "kmtl: resuming from" in out and "epoch " in out, out
+    history = json.loads((tmp_path / "run" / "seed-0" / "history.json").read_text())
+    assert len(history["loss"]) == 6 and len(history["val_loss"]) == 6
+    assert not checkpoint.parent.exists()  # a finished run leaves no checkpoint to resume
+    third = _kmtl(*command)
+    out, err = third.communicate(timeout=200)
+    assert third.returncode == 0, out + err
+    assert "reusing the cached experiment" in out and "Epoch" not in out, out
