@@ -198,6 +198,8 @@ class BackupAndRestore(keras.callbacks.Callback):
         if not os.path.isfile(self.path):
             return
         try:
+            if not zipfile.is_zipfile(self.path):
+                raise ValueError("not an .npz archive")
             with np.load(self.path, allow_pickle=False) as stored:
                 record = json.loads(str(stored["record"]))
                 training = [stored[f"t{i}"] for i in range(record["num_training"])]

@@ -15,8 +15,10 @@ and `config.json`. With several seeds (`--seeds`, or `seeds` in the config)
 `kmtl train` runs `kmtl.experiment.run`: one such run per seed in
 `<run>/seed-<s>/` and `<run>/experiment.json` with the per-seed metrics and
 their mean and std; an experiment whose config hash and seeds are already
-there is not trained again (`--force` retrains it). Bad options exit with
-status 2 and `kmtl: error: ...`.
+there is not trained again (`--force` retrains it). A run killed while it
+trains continues from its checkpoint when the same command runs again
+(`<run>/checkpoint/`, see `kmtl.experiment.train_run`; `--no-resume` starts
+over). Bad options exit with status 2 and `kmtl: error: ...`.
 
 Parsing and the checks of plain values live in the top-level module
 `kmtl_cli` (standard library only, so that `kmtl --help` and usage errors

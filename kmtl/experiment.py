@@ -503,7 +503,9 @@ def train_run(
         f"kmtl: training {options['architecture']} on {options['dataset']} tasks "
         f"{options['tasks']} for {epochs} epochs -> {run_dir}"
     )
-    if (start_epoch, start_step) != (0, 0):
+    if start_epoch >= epochs:
+        print(f"kmtl: resuming from {backup.path}: all {epochs} epochs are trained; evaluating and writing")
+    elif (start_epoch, start_step) != (0, 0):
         print(
             f"kmtl: resuming from {backup.path}: epoch {start_epoch + 1}/{epochs}, "
             f"{start_step}/{steps_per_epoch} of its batches already trained",
