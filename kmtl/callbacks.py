@@ -374,8 +374,16 @@ def fit_resumable(
         `{key: [one value per epoch]}` for every epoch, restored ones included.
 
     Raises:
-        ValueError: as `BackupAndRestore` for a refused checkpoint.
+        ValueError: for a non-positive `epochs` or `steps_per_epoch`, and as
+            `BackupAndRestore` for a refused checkpoint.
     """
+    for name, value in (("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
+    if not isinstance(backup, BackupAndRestore):
+        raise ValueError(
+            f"`backup` must be a kmtl.callbacks.BackupAndRestore. Received: backup of type {type(backup).__name__}"
+        )
     epoch, step = backup.position()
     callbacks = [TrainingGuard(), *(callbacks or []), backup]
     if step >= steps_per_epoch:  # cannot happen with BackupAndRestore's saves; be safe

@@ -367,14 +367,14 @@ def _build(options):
     model = kmtl.build_model(heads=heads, trunk=trunk, architecture=options["architecture"], **inputs)
     optimizer = _optimizer(options)
     weighting = options["weighting"]
-    if isinstance(weighting, str):
-        weighting = {"name": weighting}
-    if isinstance(weighting, dict):  # {"name": strategy, option: value} from a config file
-        key = str(weighting.get("name", "")).lower().replace("-", "_")
-        if "seed" not in weighting and key in _strategy_names() and "seed" in _strategy_options(key):
+    spec = {"name": weighting} if isinstance(weighting, str) else weighting
+    if isinstance(spec, dict):
+        key = str(spec.get("name", "")).lower().replace("-", "_")
+        if "seed" not in spec and key in _strategy_names() and "seed" in _strategy_options(key):
             # A random strategy draws from the run's seed, not from a fresh system seed: the run
             # is reproducible, and a resumed run continues the same draws.
-            weighting = dict(weighting, seed=options["seed"])
+            weighting = dict(spec, seed=options["seed"])
+    if isinstance(weighting, dict):  # {"name": strategy, option: value} from a config file
         weighting = build_weighting(weighting)
     model.compile(optimizer=optimizer, loss_weights=options["loss_weights"], weighting=weighting)
     return model

@@ -17,8 +17,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy
+
 SCRIPT = r'''
-import json, os, signal, sys
+import json, os, shutil, signal, sys
 import numpy as np
 import keras
 import kmtl
@@ -31,7 +33,6 @@ STRATEGIES = {
     "rlw": {"name": "rlw", "seed": 7},
     "famo": "famo",
 }
-KILL_AT = os.environ.get("TEST_KILL_AT")  # read by this script only: kmtl knows nothing of it
 
 
 class Interrupt(Exception):
@@ -53,6 +54,19 @@ class Stopper(keras.callbacks.Callback):
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise Interrupt()
+
+
+class Copier(Stopper):
+    """Copies the checkpoint aside after global batch `at` (before that batch is saved)."""
+
+    def __init__(self, at, source, directory):
+        super().__init__(at, kill=False)
+        self.source, self.directory = source, directory
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.epoch * STEPS + self.offset + batch + 1 == self.at:
+            os.makedirs(self.directory)
+            shutil.copy(os.path.join(self.source, "checkpoint.npz"), self.directory)
 
 
 def make_dataset(first, skip):
@@ -97,23 +111,21 @@ def compare(reference, result, label):
 mode, root = sys.argv[1], sys.argv[2]
 if mode == "strategies":
     for name in STRATEGIES:
-        model, history, backup = train(name, f"{root}/ref-{name}")
-        assert not os.path.exists(backup.path) or backup.position() == (EPOCHS, 0)
+        # The uninterrupted run; after its global batch 8 (epoch 3, batch 2) it keeps a copy of the
+        # checkpoint as it then is (saved after batch 1 of epoch 3): what a kill there leaves.
+        directory = f"{root}/cut-{name}"
+        source = f"{root}/ref-{name}"
+        model, history, backup = train(name, source, stop=Copier(8, source, directory))
+        assert backup.position() == (EPOCHS, 0)
         reference = snapshot(model, history)
         np.savez(f"{root}/ref-{name}.npz", **reference)
         assert int(model.optimizer.iterations) == EPOCHS * STEPS
-        directory = f"{root}/cut-{name}"
-        try:  # stop after batch 2 of epoch 3 (0-based 2), before it is saved: the last save is after batch 1
-            train(name, directory, stop=Stopper(8, kill=False))
-            raise AssertionError("not interrupted")
-        except Interrupt:
-            pass
         probe = callbacks.BackupAndRestore(directory, fingerprint=name)
         assert probe.position() == (2, 1), probe.position()
         # A save killed half-way leaves a temporary file: it is ignored.
         with open(os.path.join(directory, ".checkpoint.npz.half.tmp"), "wb") as f:
             f.write(b"PK\x03\x04 half a zip")
-        model, history, backup = train(name, directory)
+        model, history, backup = train(name, directory)  # a fresh model, as after a restart
         assert int(model.optimizer.iterations) == EPOCHS * STEPS
         compare(reference, snapshot(model, history), name)
         print("resumed exactly:", name, flush=True)
@@ -130,9 +142,11 @@ if mode == "strategies":
             message = str(error)
             assert "checkpoint.npz" in message and ("another run" in message if not corrupt else "cannot be read" in message), message
             print("refused:", message.split(";")[0], flush=True)
-elif mode == "kill":  # SIGKILL mid-epoch (at KILL_AT), then the same command again finishes
-    stop = Stopper(int(KILL_AT), kill=True) if KILL_AT else None
-    model, history, backup = train("rlw", f"{root}/killed", stop=stop)
+    # Last, SIGKILL this process itself mid-epoch (after global batch 5: epoch 2, batch 2).
+    train("rlw", f"{root}/killed", stop=Stopper(5, kill=True))
+    raise AssertionError("not killed")
+elif mode == "resume":  # the same training again, in a new process: it continues and finishes
+    model, history, backup = train("rlw", f"{root}/killed")
     compare(dict(np.load(f"{root}/ref-rlw.npz")), snapshot(model, history), "rlw after SIGKILL")
     print("resumed exactly after SIGKILL", flush=True)
 '''
@@ -158,16 +172,15 @@ def _script(tmp_path, *args, env=None, timeout=400):
 
 def test_interrupted_runs_resume_exactly_and_bad_checkpoints_are_refused(tmp_path):
     result = _script(tmp_path, "strategies")
-    assert result.returncode == 0, result.stdout + result.stderr
+    # The script ends by killing itself (SIGKILL) mid-epoch, after its other checks.
+    assert result.returncode == -signal.SIGKILL, result.stdout + result.stderr
     for name in ("uncertainty", "dwa", "rlw", "famo"):
         assert f"resumed exactly: {name}" in result.stdout
     assert result.stdout.count("refused:") == 2
-    # SIGKILL of the process itself mid-epoch (global batch 5: epoch 2, batch 2), then the same command.
-    killed = _script(tmp_path, "kill", env=dict(_env(), TEST_KILL_AT="5"))
-    assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
-    checkpoint = json.loads(str(__import__("numpy").load(tmp_path / "killed" / "checkpoint.npz")["record"]))
+    record = numpy.load(tmp_path / "killed" / "checkpoint.npz")["record"]
+    checkpoint = json.loads(str(record))
     assert (checkpoint["epoch"], checkpoint["step"]) == (1, 1)  # saved after every batch: the 4th
-    again = _script(tmp_path, "kill")
+    again = _script(tmp_path, "resume")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "resumed exactly after SIGKILL" in again.stdout
 
@@ -222,3 +235,40 @@ def test_kmtl_train_killed_mid_run_resumes_then_is_cached(tmp_path):
     out, err = third.communicate(timeout=200)
     assert third.returncode == 0, out + err
     assert "reusing the cached experiment" in out and "Epoch" not in out, out
+
+
+def test_epoch_stream_orders_depend_on_seed_and_epoch_only():
+    import numpy as np
+    import pytest
+
+    from kmtl import data
+
+    def labels(first, skip=0, seed=3, stop=3):
+        stream = data.task_dataset(
+            "digits",
+            ["digit"],
+            split="train[:50]",
+            batch_size=8,
+            seed=seed,
+            epochs=(first, stop),
+            skip_batches=skip,
+        )
+        batches = [y["digit"].numpy() for _, y in stream]
+        assert len(batches) == int(stream.cardinality())
+        return batches
+
+    full = labels(0)
+    assert len(full) == 3 * 7 and [len(b) for b in full[:7]] == [8] * 6 + [2]  # no batch spans two epochs
+    epochs = [np.concatenate(full[7 * e : 7 * e + 7]) for e in range(3)]
+    assert all(sorted(e) == sorted(epochs[0]) for e in epochs) and not np.array_equal(epochs[0], epochs[1])
+    restarted = labels(1, skip=3)  # a fresh dataset object, from epoch 1, batch 3
+    assert all(np.array_equal(a, b) for a, b in zip(full[7 + 3 :], restarted)) and len(restarted) == 2 * 7 - 3
+    assert not np.array_equal(np.concatenate(labels(0, seed=4)), np.concatenate(full))
+    for bad in (
+        dict(epochs=(2, 2)),
+        dict(epochs=(0, 1), seed=None),
+        dict(skip_batches=1),
+        dict(epochs=[0, 1.5]),
+    ):
+        with pytest.raises(ValueError, match="epochs|skip_batches"):
+            data.task_dataset("digits", ["digit"], split="train[:50]", batch_size=8, **bad)
