@@ -416,3 +416,6 @@ def fit_resumable(
         backup.set_model(model)
         backup.on_train_begin()
     return backup.history
+
+
+__all__ = ["CHECKPOINT_FILE", "BackupAndRestore", "TrainingGuard", "fit_resumable"]

@@ -15,7 +15,9 @@ split `fit` validates on, e.g. `"train[50000:]"`; default: the test split, as
 deviation (`ddof=0`: one seed gives 0) of every task's metrics over the seeds,
 and each seed's seconds per epoch. `<run>` is `name`, or
 `<dataset>-<hash>`. A second `run` of the same config reads that file instead
-of training; an interrupted one trains only the seeds that are missing.
+of training; an interrupted one trains only the seeds that are missing, and
+a seed killed mid-training continues from its checkpoint (`train_run`) to the
+result an uninterrupted run gives.
 
 Example:
 
@@ -387,7 +389,8 @@ class TrainedRun:
     Attributes:
         run_dir: the directory it wrote.
         report: the `kmtl.Report` of the model on the test split.
-        history: `model.fit`'s `history.history`.
+        history: `{key: [one value per epoch]}` as `model.fit`'s
+            `history.history`, every epoch included when the run was resumed.
         seconds_per_epoch: wall-clock seconds of an epoch of `fit`, mean over
             the epochs (the first one includes tracing; validation included).
     """
