@@ -220,7 +220,7 @@ class BackupAndRestore(keras.callbacks.Callback):
                 f"this run {self.fingerprint!r}); delete it or start over (`kmtl train --no-resume`, "
                 f"`resume=False`). Received: {self.path}"
             )
-        self._pending = (training, metrics)
+        self._pending = (training, metrics, record.get("training_paths"))
         self._position = (int(record["epoch"]), int(record["step"]))
         self.history = {key: list(values) for key, values in record["history"].items()}
 
@@ -246,7 +246,12 @@ class BackupAndRestore(keras.callbacks.Callback):
         self._pending, self._position, self.history, self._read = None, (0, 0), {}, True
 
     @staticmethod
-    def _assign(variables, arrays, what, path):
+    def _assign(variables, arrays, what, path, stored_paths=None):
+        paths = [v.path for v in variables]
+        if stored_paths is not None and paths != stored_paths and sorted(paths) == sorted(stored_paths):
+            if len(set(paths)) == len(paths):  # the same variables in another order: match them by path
+                by_path = dict(zip(stored_paths, arrays))
+                arrays = [by_path[p] for p in paths]
         if len(variables) != len(arrays) or any(
             tuple(v.shape) != a.shape or np.dtype(v.dtype) != a.dtype for v, a in zip(variables, arrays)
         ):
@@ -272,6 +277,7 @@ class BackupAndRestore(keras.callbacks.Callback):
             "history": self.history,
             "num_training": len(training),
             "num_metrics": len(metrics),
+            "training_paths": [v.path for v in _training_variables(self.model)],
         }
         arrays = {f"t{i}": a for i, a in enumerate(training)}
         arrays.update({f"m{i}": a for i, a in enumerate(metrics)})
@@ -295,8 +301,11 @@ class BackupAndRestore(keras.callbacks.Callback):
     # --- hooks --------------------------------------------------------------
     def on_train_begin(self, logs=None):
         self._load()
+        # Builds the optimizer now if the step has not: its slots then come in the order of the
+        # model's trainable variables in every run, the interrupted one and the resumed one.
+        variables = _training_variables(self.model)
         if self._pending is not None:
-            self._assign(_training_variables(self.model), self._pending[0], "training", self.path)
+            self._assign(variables, self._pending[0], "training", self.path, self._pending[2])
         self._epoch_ended = False
         self._last_save = time.monotonic()
 
