@@ -169,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or overwrite an experiment of another config",
     )
     train.add_argument(
+        "--no-resume",
+        dest="no_resume",
+        action="store_true",
+        help="start over: delete the checkpoint an interrupted run left in its run directory "
+        "(default: continue from it)",
+    )
+    train.add_argument(
         "--train-limit", dest="train_limit", help="use only the first N training examples (N >= 1)"
     )
     train.add_argument("--verbose", type=int, choices=VERBOSITY, help="Keras fit verbosity (default: auto)")
@@ -718,7 +725,7 @@ def train_options(args) -> dict:
 
     Besides `TRAIN_DEFAULTS`'s keys the result has `seeds` (None or a list),
     `validation`, `train_split`, `test_split` (None or a split),
-    `tensorboard`, `force` and `experiment`: True when the
+    `tensorboard`, `force`, `resume` (False with `--no-resume`) and `experiment`: True when the
     run is a `kmtl.experiment` (`--seeds`, or a config with several seeds).
     """
     options = dict(TRAIN_DEFAULTS, **{k: v for k, v in CONFIG_ONLY_DEFAULTS.items() if k != "name"})
@@ -738,6 +745,7 @@ def train_options(args) -> dict:
     if seeds is not None and not options["experiment"]:
         options["seed"] = seeds[0]
     options["force"] = bool(args.force)
+    options["resume"] = not args.no_resume
     if args.tensorboard:
         options["tensorboard"] = True
     return check_train_options(options)

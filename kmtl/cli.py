@@ -15,8 +15,10 @@ and `config.json`. With several seeds (`--seeds`, or `seeds` in the config)
 `kmtl train` runs `kmtl.experiment.run`: one such run per seed in
 `<run>/seed-<s>/` and `<run>/experiment.json` with the per-seed metrics and
 their mean and std; an experiment whose config hash and seeds are already
-there is not trained again (`--force` retrains it). Bad options exit with
-status 2 and `kmtl: error: ...`.
+there is not trained again (`--force` retrains it). A run killed while it
+trains continues from its checkpoint when the same command runs again
+(`<run>/checkpoint/`, see `kmtl.experiment.train_run`; `--no-resume` starts
+over). Bad options exit with status 2 and `kmtl: error: ...`.
 
 Parsing and the checks of plain values live in the top-level module
 `kmtl_cli` (standard library only, so that `kmtl --help` and usage errors
@@ -42,7 +44,7 @@ def _train(options) -> int:
     run_name = options["run_name"] or f"{options['dataset']}-{time.strftime('%Y%m%d-%H%M%S')}"
     from kmtl import experiment
 
-    experiment.train_run(options, Path(options["out"]) / run_name)
+    experiment.train_run(options, Path(options["out"]) / run_name, resume=options.get("resume", True))
     return 0
 
 
@@ -50,7 +52,7 @@ def _train_experiment(options) -> int:
     from kmtl import experiment
 
     config = {key: options[key] for key in kmtl_cli.CONFIG_KEYS if key in options and key != "seed"}
-    result = experiment.run(config, force=options["force"])
+    result = experiment.run(config, force=options["force"], resume=options.get("resume", True))
     print(result)
     return 0
 

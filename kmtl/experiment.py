@@ -15,7 +15,9 @@ split `fit` validates on, e.g. `"train[50000:]"`; default: the test split, as
 deviation (`ddof=0`: one seed gives 0) of every task's metrics over the seeds,
 and each seed's seconds per epoch. `<run>` is `name`, or
 `<dataset>-<hash>`. A second `run` of the same config reads that file instead
-of training; an interrupted one trains only the seeds that are missing.
+of training; an interrupted one trains only the seeds that are missing, and
+a seed killed mid-training continues from its checkpoint (`train_run`) to the
+result an uninterrupted run gives.
 
 Example:
 
@@ -54,6 +56,10 @@ KEYS = tuple(k for k in kmtl_cli.TRAIN_DEFAULTS if k not in ("seed", "run_name")
     kmtl_cli.CONFIG_ONLY_DEFAULTS
 )
 _FORMAT = 1
+#: The directory of a run's resumable checkpoint (`kmtl.callbacks.BackupAndRestore`), deleted when done.
+CHECKPOINT_DIR = "checkpoint"
+#: How often `train_run` checkpoints mid-epoch by default (besides every epoch boundary).
+SAVE_EVERY_SECONDS = 60.0
 
 
 def _fail(error) -> ValueError:
@@ -150,6 +156,10 @@ def _check_names(config: dict, where: str) -> None:
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)
         build_weighting(spec, f'"weighting" in {where}')
         config["weighting"] = dict(spec, name=spec["name"].lower().replace("-", "_"))
+
+
+def _strategy_names() -> list[str]:
+    return weighting.names()
 
 
 def _optimizer(config):
@@ -359,6 +369,13 @@ def _build(options):
     model = kmtl.build_model(heads=heads, trunk=trunk, architecture=options["architecture"], **inputs)
     optimizer = _optimizer(options)
     weighting = options["weighting"]
+    spec = {"name": weighting} if isinstance(weighting, str) else weighting
+    if isinstance(spec, dict):
+        key = str(spec.get("name", "")).lower().replace("-", "_")
+        if "seed" not in spec and key in _strategy_names() and "seed" in _strategy_options(key):
+            # A random strategy draws from the run's seed, not from a fresh system seed: the run
+            # is reproducible, and a resumed run continues the same draws.
+            weighting = dict(spec, seed=options["seed"])
     if isinstance(weighting, dict):  # {"name": strategy, option: value} from a config file
         weighting = build_weighting(weighting)
     model.compile(optimizer=optimizer, loss_weights=options["loss_weights"], weighting=weighting)
@@ -372,7 +389,8 @@ class TrainedRun:
     Attributes:
         run_dir: the directory it wrote.
         report: the `kmtl.Report` of the model on the test split.
-        history: `model.fit`'s `history.history`.
+        history: `{key: [one value per epoch]}` as `model.fit`'s
+            `history.history`, every epoch included when the run was resumed.
         seconds_per_epoch: wall-clock seconds of an epoch of `fit`, mean over
             the epochs (the first one includes tracing; validation included).
     """
@@ -383,7 +401,14 @@ class TrainedRun:
     seconds_per_epoch: float
 
 
-def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
+def train_run(
+    options: dict,
+    run_dir: str | os.PathLike,
+    resume: bool = True,
+    save_every_steps: int | None = None,
+    save_every_seconds: float | None = SAVE_EVERY_SECONDS,
+    fingerprint: str | None = None,
+) -> TrainedRun:
     """Trains one run, one seed, as `kmtl train` does, and writes `run_dir`.
 
     Trains on `options["dataset"]`'s training split (its first
@@ -396,33 +421,80 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     and metrics, task weights and gradient cosines per epoch).
     `kmtl train` and `kmtl.experiment.run` (once per seed) both call it.
 
+    Training is resumable: `kmtl.callbacks.BackupAndRestore` keeps a
+    checkpoint in `run_dir/checkpoint/` (at every epoch boundary, every
+    `save_every_steps` batches and every `save_every_seconds` seconds), and
+    epoch `e` sees the training examples in the order `(seed, e)` alone
+    determines (`kmtl.data.task_dataset(..., epochs=...)`). A run killed at
+    any point and started again with the same options (and `resume`)
+    continues from the checkpoint — weights, optimizer slots and
+    iterations, the strategy's state and random draws, the epoch, the batch
+    within it, the metric sums and the history — and ends where an
+    uninterrupted run ends, up to float rounding. The checkpoint is deleted
+    once the run's files are written. A random strategy (RLW, PCGrad, ...)
+    without a `seed` option draws from the run's `seed`.
+
     Args:
         options: checked options with every key of `kmtl_cli.TRAIN_DEFAULTS`
             (a single `seed`) and optionally `validation`.
         run_dir: the directory to write.
+        resume: continue from `run_dir/checkpoint/` if it holds one; `False`
+            deletes it and starts over.
+        save_every_steps: also checkpoint after every this many batches.
+        save_every_seconds: also checkpoint mid-epoch after this many
+            seconds since the last save (`None`: never by time).
+        fingerprint: identifies what is trained; a checkpoint with another
+            one is refused. Default: a hash of the options that change
+            what is trained.
 
     Returns:
         A `TrainedRun`.
+
+    Raises:
+        ValueError: with `resume`, for a checkpoint that cannot be read or
+            was written by another config (the message names it; nothing
+            is changed: pass `resume=False` to start over).
     """
     import keras
 
     import kmtl
+    from kmtl import callbacks as callbacks_module
     from kmtl import data, export, plots
 
     run_dir = Path(run_dir)
+    if fingerprint is None:
+        fingerprint = _options_hash(options)
+    backup = callbacks_module.BackupAndRestore(
+        run_dir / CHECKPOINT_DIR,
+        save_every_steps=save_every_steps,
+        save_every_seconds=save_every_seconds,
+        fingerprint=fingerprint,
+    )
+    if resume:
+        start_epoch, start_step = backup.position()  # refuses a foreign checkpoint before any work
+    else:
+        backup.clear()
+        start_epoch, start_step = 0, 0
     keras.utils.set_random_seed(options["seed"])
     common = dict(source=options["source"], data_dir=options["data_dir"])
     split = "train" if not options["train_limit"] else f"train[:{int(options['train_limit'])}]"
     split = options.get("train_split") or split
     test_split = options.get("test_split") or "test"
-    train = data.task_dataset(
-        options["dataset"],
-        options["tasks"],
-        split=split,
-        batch_size=options["batch_size"],
-        seed=options["seed"],
-        **common,
-    )
+    epochs = options["epochs"]
+
+    def make_train(first_epoch, skip_batches):
+        return data.task_dataset(
+            options["dataset"],
+            options["tasks"],
+            split=split,
+            batch_size=options["batch_size"],
+            seed=options["seed"],
+            epochs=(first_epoch, epochs),
+            skip_batches=skip_batches,
+            **common,
+        )
+
+    steps_per_epoch = int(make_train(epochs - 1, 0).cardinality())
     test = data.task_dataset(options["dataset"], options["tasks"], split=test_split, batch_size=512, **common)
     validation = test
     if options.get("validation") is not None and options["validation"] != test_split:
@@ -432,8 +504,16 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     model = _build(options)
     print(
         f"kmtl: training {options['architecture']} on {options['dataset']} tasks "
-        f"{options['tasks']} for {options['epochs']} epochs -> {run_dir}"
+        f"{options['tasks']} for {epochs} epochs -> {run_dir}"
     )
+    if start_epoch >= epochs:
+        print(f"kmtl: resuming from {backup.path}: all {epochs} epochs are trained; evaluating and writing")
+    elif (start_epoch, start_step) != (0, 0):
+        print(
+            f"kmtl: resuming from {backup.path}: epoch {start_epoch + 1}/{epochs}, "
+            f"{start_step}/{steps_per_epoch} of its batches already trained",
+            flush=True,
+        )
     verbose = options["verbose"]
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
@@ -441,15 +521,22 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
     callbacks = [timer]
     if options.get("tensorboard"):
         callbacks += _tensorboard_callbacks(model, validation, run_dir / "logs")
-    history = model.fit(
-        train, validation_data=validation, epochs=options["epochs"], verbose=verbose, callbacks=callbacks
+    history = callbacks_module.fit_resumable(
+        model,
+        make_train,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        backup=backup,
+        callbacks=callbacks,
+        validation_data=validation,
+        verbose=verbose,
     )
     report = kmtl.evaluate(model, test)
     print(report)
     run_dir.mkdir(parents=True, exist_ok=True)
     export.save_keras(model, run_dir / "model.keras")
     export.saved_model(model, run_dir / "saved_model")
-    write_json_atomic(run_dir / "history.json", history.history)
+    write_json_atomic(run_dir / "history.json", history)
     write_json_atomic(run_dir / "metrics.json", report.to_dict())
     _write_text(run_dir / "metrics.md", report.to_markdown() + "\n")
     config = {key: options[key] for key in kmtl_cli.TRAIN_DEFAULTS}
@@ -462,17 +549,27 @@ def train_run(options: dict, run_dir: str | os.PathLike) -> TrainedRun:
 
     # No `matplotlib.use("Agg")`: that would switch a notebook's backend and hide its plots.
     # Without a display matplotlib picks Agg itself.
-    fig = plots.plot_history(history)
+    fig = plots.plot_history(history, tasks=list(model.task_names))
     fig.savefig(run_dir / "curves.png", dpi=100)
     matplotlib.pyplot.close(fig)
     print(
         f"kmtl: wrote {run_dir}/ (saved_model/, model.keras, history.json, metrics.json, metrics.md, curves.png"
         + (", logs/ for TensorBoard)" if options.get("tensorboard") else ")")
     )
+    backup.clear()  # the run is written: its checkpoint is not a run to resume
     seconds = sum(timer.seconds) / len(timer.seconds) if timer.seconds else float("nan")
-    return TrainedRun(
-        run_dir=run_dir, report=report, history=dict(history.history), seconds_per_epoch=seconds
-    )
+    return TrainedRun(run_dir=run_dir, report=report, history=dict(history), seconds_per_epoch=seconds)
+
+
+def _options_hash(options: dict) -> str:
+    """A hash of the options of one run that change what is trained."""
+    kept = {
+        key: options.get(key)
+        for key in sorted(set(kmtl_cli.TRAIN_DEFAULTS) | {"validation", "train_split", "test_split"})
+        if key not in HASH_EXCLUDED + ("run_name",)
+    }
+    text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 #: Validation batches the gradient-cosine monitor reads at the end of each epoch
@@ -607,6 +704,7 @@ def run(
     force: bool = False,
     out: str | os.PathLike | None = None,
     verbose: int | str | None = None,
+    resume: bool = True,
 ) -> Result:
     """Trains a config once per seed, or returns its cached results.
 
@@ -621,7 +719,10 @@ def run(
     If `experiment.json` already holds this config's hash and every seed's
     metrics, nothing is trained: a line saying so is printed and the stored
     results are returned (`from_cache=True`). With the same hash but seeds
-    missing (an interrupted run), only those seeds are trained.
+    missing (an interrupted run), only those seeds are trained, and a seed
+    killed mid-training continues from its checkpoint
+    (`<out>/<run>/seed-<s>/checkpoint/`, see `train_run`): to the same
+    result as an uninterrupted run. A finished seed's checkpoint is deleted.
 
     Args:
         config: what `load_config` accepts.
@@ -631,6 +732,9 @@ def run(
             (whose default is `"saved_models"`).
         verbose: Keras `fit` verbosity (0, 1, 2 or `"auto"`); default: the
             config's `verbose`. Neither `out` nor `verbose` changes the hash.
+        resume: continue an interrupted seed from its checkpoint; `False`
+            (or `force`) deletes the checkpoint and trains the seed from the
+            start. Finished seeds are reused either way (unless `force`).
 
     Returns:
         A `Result`.
@@ -638,7 +742,8 @@ def run(
     Raises:
         ValueError: for a bad config (see `load_config`), or when
             `<out>/<run>/` holds an experiment of another config, another kind
-            of run, or an unreadable `experiment.json`, unless `force`.
+            of run, or an unreadable `experiment.json`, unless `force`; with
+            `resume`, for a seed's checkpoint that cannot be read.
     """
     import keras
 
@@ -698,7 +803,12 @@ def run(
         if seed in done:
             continue
         keras.backend.clear_session()  # the finished runs' graphs are saved: free them
-        trained = train_run(_seed_options(config, seed, run_dir), run_dir / f"seed-{seed}")
+        trained = train_run(
+            _seed_options(config, seed, run_dir),
+            run_dir / f"seed-{seed}",
+            resume=resume and not force,
+            fingerprint=f"{digest}/seed-{seed}",
+        )
         done[seed] = trained.report.to_dict()
         seconds[seed] = float(trained.seconds_per_epoch)
         write(complete=False)

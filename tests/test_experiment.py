@@ -120,7 +120,7 @@ class FakeTraining:
         self.calls = []
         self.fail_on = fail_on
 
-    def __call__(self, options, run_dir):
+    def __call__(self, options, run_dir, **kwargs):
         seed = options["seed"]
         if seed == self.fail_on:
             self.fail_on = None

@@ -1187,6 +1187,9 @@ def movielens_tasks(
     data_dir: str | os.PathLike | None = None,
     tfds_data_dir: str | os.PathLike | None = None,
     shuffle_seed: int | None = None,
+    *,
+    epochs: tuple[int, int] | None = None,
+    skip_batches: int = 0,
 ):
     """MovieLens 100K multi-task `tf.data` pipeline (the rows of `movielens_arrays`).
 
@@ -1209,6 +1212,9 @@ def movielens_tasks(
             that runs with different training seeds share one split and one
             set of negatives (what `kmtl.data.task_dataset("movielens", ...)`
             does: split seed 0).
+        epochs, skip_batches: one stream of the batches of epochs
+            `first..stop-1`, each epoch's order a function of the shuffle
+            seed and the epoch alone, as in `kmtl.data.task_dataset`.
 
     Returns:
         A dataset of `(features, {task: label})`, or of `(features, {task:
@@ -1236,6 +1242,9 @@ def movielens_tasks(
         raise ValueError(
             f"`shuffle_seed` must be an integer >= 0 or None. Received: shuffle_seed={shuffle_seed!r}"
         )
+    from kmtl.data import _order
+
+    span = _order.check(epochs, skip_batches, seed if shuffle_seed is None else shuffle_seed, batch_size)
     rows = _rows(tasks, split, split_scheme, test_fraction, negatives, seed, source, data_dir, tfds_data_dir)
     if shuffle is None:
         shuffle = split != "test"
@@ -1264,6 +1273,13 @@ def movielens_tasks(
         return example
 
     num_rows = len(rows.user_index)
+    if span is not None:
+        order_seed = seed if shuffle_seed is None else shuffle_seed
+        pipeline = _order.index_batches(
+            num_rows, batch_size, drop_remainder, shuffle, order_seed, span, int(skip_batches)
+        )
+        pipeline = pipeline.map(take, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return pipeline.prefetch(tf.data.AUTOTUNE)
     pipeline = tf.data.Dataset.range(num_rows)
     if shuffle and num_rows > 1:
         order_seed = seed if shuffle_seed is None else shuffle_seed

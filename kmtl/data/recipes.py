@@ -521,3 +521,27 @@ def multi_mnist(
     dataset = dataset.map(gather, num_parallel_calls=tf.data.AUTOTUNE)
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(num_examples))
     return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def multi_mnist_stream(
+    split, base, batch_size, drop_remainder, shuffle, shuffle_seed, source, data_dir, epochs, skip_batches
+):
+    """The Sener-recipe composites (pairing seed 0) as a stream of epochs (see `kmtl.data._order`)."""
+    import tensorflow as tf
+
+    from kmtl.data import _order
+
+    arrays = multi_mnist_arrays(split, "sener", base, 0, source, data_dir, None)
+    scale, shift = 1.0 / (255.0 * SENER_STD), -SENER_MEAN / SENER_STD
+    images = tf.constant(arrays.images[..., None])
+    left = tf.constant(arrays.labels["left"])
+    right = tf.constant(arrays.labels["right"])
+
+    def gather(index):
+        image = tf.cast(tf.gather(images, index), tf.float32) * scale + shift
+        return image, {"left": tf.gather(left, index), "right": tf.gather(right, index)}
+
+    batches = _order.index_batches(
+        len(arrays.images), batch_size, drop_remainder, shuffle, shuffle_seed, epochs, skip_batches
+    )
+    return batches.map(gather, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

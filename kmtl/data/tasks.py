@@ -18,6 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
+from kmtl.data import _order
 from kmtl.data import emnist as _emnist
 from kmtl.data._checks import check_batch_size as _check_batch_size
 from kmtl.data.movielens import movielens_tasks
@@ -40,6 +41,9 @@ def task_dataset(
     seed: int | None = 0,
     drop_remainder: bool = False,
     tfds_data_dir: str | os.PathLike | None = None,
+    *,
+    epochs: tuple[int, int] | None = None,
+    skip_batches: int = 0,
 ):
     """Builds a `tf.data.Dataset` of images and derived task labels.
 
@@ -63,6 +67,14 @@ def task_dataset(
             epoch after epoch. `None` for a nondeterministic order.
         drop_remainder: drop the last partial batch.
         tfds_data_dir: data directory for tfds (default: tfds's own).
+        epochs: `(first, stop)`: instead of one epoch per iteration, one
+            stream of the batches of epochs `first, ..., stop - 1`, epoch
+            `e` in the order `(seed, e)` alone determines (for `fit` with
+            `steps_per_epoch`; what resumable training uses). Needs a
+            `batch_size` and an integer `seed`; no batch spans two epochs.
+            The orders differ from those of the plain (reshuffling) pipeline.
+        skip_batches: with `epochs`, start this many batches into epoch
+            `first` (the skipped batches are not gathered).
 
     Returns:
         A dataset of `(image, {task: label})`, or of `(image, {task: label},
@@ -89,9 +101,11 @@ def task_dataset(
     base, _ = parse_split(split)
     if shuffle is None:
         shuffle = base == "train"
+    span = _order.check(epochs, skip_batches, seed, batch_size)
+    stream = {} if span is None else dict(epochs=span, skip_batches=int(skip_batches))
     if dataset in COMPOSITE_DATASETS:
         return _composite(
-            dataset, list(specs), split, batch_size, source, data_dir, shuffle, seed, drop_remainder
+            dataset, list(specs), split, batch_size, source, data_dir, shuffle, seed, drop_remainder, **stream
         )
     if dataset in RECOMMENDER_DATASETS:
         return _movielens(
@@ -105,6 +119,7 @@ def task_dataset(
             shuffle,
             seed,
             drop_remainder,
+            **stream,
         )
     images, labels = load_arrays(
         dataset, split, source=source, data_dir=data_dir, tfds_data_dir=tfds_data_dir
@@ -130,6 +145,11 @@ def task_dataset(
             example += ({name: tf.gather(value, index) for name, value in weight_tensors.items()},)
         return example
 
+    if stream:
+        pipeline = _order.index_batches(num_examples, batch_size, drop_remainder, shuffle, seed, **stream)
+        return pipeline.map(take, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
+            tf.data.AUTOTUNE
+        )
     pipeline = tf.data.Dataset.range(num_examples)
     if shuffle and num_examples > 1:
         pipeline = pipeline.shuffle(num_examples, seed=seed, reshuffle_each_iteration=True)
@@ -143,12 +163,27 @@ def task_dataset(
     return pipeline.prefetch(tf.data.AUTOTUNE)
 
 
-def _composite(dataset, tasks, split, batch_size, source, data_dir, shuffle, seed, drop_remainder):
+def _composite(dataset, tasks, split, batch_size, source, data_dir, shuffle, seed, drop_remainder, **stream):
     """A composite dataset's pipeline: the same composites (pairing seed 0), `seed` orders them."""
     import tensorflow as tf
 
-    from kmtl.data.recipes import multi_mnist
+    from kmtl.data.recipes import multi_mnist, multi_mnist_stream
 
+    if stream:
+        pipeline = multi_mnist_stream(
+            split,
+            COMPOSITE_DATASETS[dataset],
+            batch_size,
+            drop_remainder,
+            shuffle,
+            seed,
+            source,
+            data_dir,
+            **stream,
+        )
+        return pipeline.map(lambda image, labels: (image, {task: labels[task] for task in tasks})).prefetch(
+            tf.data.AUTOTUNE
+        )
     if shuffle and seed is None:
         seed = int(np.random.default_rng().integers(2**31))
     batched = batch_size is not None and not drop_remainder
@@ -287,7 +322,17 @@ def emnist_tasks(
 
 
 def _movielens(
-    dataset, tasks, split, batch_size, source, data_dir, tfds_data_dir, shuffle, seed, drop_remainder
+    dataset,
+    tasks,
+    split,
+    batch_size,
+    source,
+    data_dir,
+    tfds_data_dir,
+    shuffle,
+    seed,
+    drop_remainder,
+    **stream,
 ):
     """A MovieLens pipeline: split seed 0 and 4 negatives for every run, `seed` orders the rows."""
     base, bounds = parse_split(split)
@@ -308,4 +353,5 @@ def _movielens(
         source=source,
         data_dir=data_dir,
         tfds_data_dir=tfds_data_dir,
+        **stream,
     )
