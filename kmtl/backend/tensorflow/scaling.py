@@ -66,14 +66,17 @@ class LossScale:
             tf.logical_and(losses_finite, tf.logical_not(gradients_finite)), self.value > 1.0
         )
 
-    def for_optimizer(self, gradients, overflow):
-        """The unscaled update scaled back for the optimizer; all NaN on an overflow step."""
-        if not self.active:
-            return gradients
-        factor = self.value
-        if self.dynamic:
-            factor = tf.where(overflow, tf.constant(float("nan"), tf.float32), factor)
-        return [g * factor for g in gradients]
+    def for_optimizer(self, gradients, variables, overflow):
+        """The unscaled update scaled back for the optimizer, in each variable's dtype.
+
+        All NaN on an overflow step.
+        """
+        if self.active:
+            factor = self.value
+            if self.dynamic:
+                factor = tf.where(overflow, tf.constant(float("nan"), tf.float32), factor)
+            gradients = [g * factor for g in gradients]
+        return [tf.cast(g, v.dtype) for g, v in zip(gradients, variables)]
 
 
 __all__ = ["LossScale"]

@@ -191,7 +191,7 @@ def _commit(accept, overflow, optimizer, grads, variables, strategy, new_state, 
     On an overflow step the optimizer still gets the (NaN) gradients: a
     `LossScaleOptimizer` then skips the update and lowers its scale.
     """
-    distribute.apply_if(accept, optimizer, scale.for_optimizer(grads, overflow), variables)
+    distribute.apply_if(accept, optimizer, scale.for_optimizer(grads, variables, overflow), variables)
     update = tf.logical_and(accept, tf.logical_not(overflow))
     if strategy is not None:
         strategy.commit(new_state, update)
