@@ -23,6 +23,20 @@ from kmtl import registry
 from kmtl.registry import register
 
 
+def output_dtype() -> str | None:
+    """`"float32"` under a mixed-precision policy, else None (the layer's default).
+
+    A task's last layer (its logits and output activation) computes in
+    float32 under `keras.mixed_precision` policies `"mixed_float16"` and
+    `"mixed_bfloat16"`, so that probabilities and losses keep float32
+    precision (float16's softmax and sigmoid saturate early). Under any
+    other global policy the output layers follow it.
+    """
+    if keras.config.dtype_policy().compute_dtype in ("float16", "bfloat16"):
+        return "float32"
+    return None
+
+
 def _check_name(name) -> str:
     if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
         raise ValueError(
@@ -95,6 +109,7 @@ class Head:
             self.units,
             activation=self.output_activation(),
             name=f"{self.name}_output",
+            dtype=output_dtype(),
         )(x)
 
     # --- training ----------------------------------------------------------
@@ -335,4 +350,4 @@ def validate(heads_list) -> list[Head]:
     return heads_list
 
 
-__all__ = ["Head", "Classification", "Binary", "MultiLabel", "Regression", "get", "validate"]
+__all__ = ["Head", "Classification", "Binary", "MultiLabel", "Regression", "get", "output_dtype", "validate"]

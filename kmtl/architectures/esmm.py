@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import keras
 
+from kmtl import heads as heads_module
 from kmtl.architectures import _common
 from kmtl.architectures.base import Parts
 from kmtl.registry import register
@@ -41,7 +42,8 @@ from kmtl.registry import register
 def _tower(trunk, head, name: str, x):
     """A fresh copy of the trunk, the head's own tower layers, one logit."""
     x = _common.expert(trunk, f"{name}_tower", 0, len(trunk.stages("probe")), x)
-    return keras.layers.Dense(1, name=f"{name}_logit")(head.tower(x, prefix=f"{name}_tower"))
+    logit = keras.layers.Dense(1, name=f"{name}_logit", dtype=heads_module.output_dtype())
+    return logit(head.tower(x, prefix=f"{name}_tower"))
 
 
 def _check_heads(heads, roles: dict) -> dict:
@@ -133,15 +135,20 @@ def build_esmm(
 
     # === Decoders (no variables for the three ESMM heads) ===
     decoders = {}
+    probability_dtype = heads_module.output_dtype()  # float32 under mixed precision
     for role in ("ctr", "cvr", "ctcvr"):
         name = roles[role]
         rep = _common.representation_inputs(representation, name)
         probability = {
-            key: keras.layers.Activation("sigmoid", name=f"{name}_{key}_probability")(rep[f"{key}_logit"])
+            key: keras.layers.Activation(
+                "sigmoid", name=f"{name}_{key}_probability", dtype=probability_dtype
+            )(rep[f"{key}_logit"])
             for key in (("ctr", "cvr") if role == "ctcvr" else (role,))
         }
         if role == "ctcvr":
-            output = keras.layers.Multiply(name=f"{name}_product")([probability["ctr"], probability["cvr"]])
+            output = keras.layers.Multiply(name=f"{name}_product", dtype=probability_dtype)(
+                [probability["ctr"], probability["cvr"]]
+            )
         else:
             output = probability[role]
         decoders[name] = keras.Model(rep, output, name=name)

@@ -84,8 +84,15 @@ def per_task_parameter_gradients(tape, flat_rep, shared, rep_grads):
     return list(_vjp_per_task(tape, flat_rep, shared, rep_grads))
 
 
-def stagewise_gram(tape, model, hidden, rep_grads):
-    """`[T, T]` Gram matrix of the per-task shared gradients, accumulated stage by stage."""
+def stagewise_gram(tape, model, hidden, rep_grads, unscale=None):
+    """`[T, T]` Gram matrix of the per-task shared gradients, accumulated stage by stage.
+
+    `rep_grads` are the output gradients of the representation as the
+    backward pass needs them (under loss scaling: scaled, in the
+    representation's dtype); `unscale`, if given, turns each stage's per-task
+    variable gradients into the true float32 ones before their Gram
+    contribution (see `kmtl.backend.tensorflow.scaling`).
+    """
     stages = model.encoder_stages
     (cotangent,) = rep_grads  # a chain has one representation tensor
     total = None
@@ -100,14 +107,17 @@ def stagewise_gram(tape, model, hidden, rep_grads):
         with tf.control_dependencies([] if total is None else [total]):
             results = _vjp_per_task(tape, hidden[s + 1], sources, cotangent)
         if variables:
-            per_task = distribute.sum_over_replicas(list(results[: len(variables)]))
+            per_task = list(results[: len(variables)])
+            if unscale is not None:
+                per_task = [unscale(g) for g in per_task]
+            per_task = distribute.sum_over_replicas(per_task)
             part = gram_matrix(per_task)
             total = part if total is None else total + part
         if s > 0:
             cotangent = results[-1]
     if total is None:
         num_tasks = rep_grads[0].shape[0]
-        total = tf.zeros((num_tasks, num_tasks), rep_grads[0].dtype)
+        total = tf.zeros((num_tasks, num_tasks), tf.float32)
     return total
 
 

@@ -35,6 +35,22 @@ state is not committed, the trackers do not record the batch, and the
 objective's `status` records what failed so that `kmtl.TrainingGuard` stops
 training with `kmtl.NonFiniteLossError`. Once a batch failed, the following
 steps of the same `fit` change nothing either.
+
+**Mixed precision and loss scaling** (`kmtl.backend.tensorflow.scaling`).
+Every loss is scaled by the optimizer's `scale_loss` before its gradient is
+taken; every gradient is then unscaled and cast to float32 before anything
+reads it, so strategies combine the true per-task gradients in float32 (the
+representation gradients too, cast back to the representation's dtype and
+scaled again for the backward passes through the encoder), and the final
+update is scaled back for the optimizer, which unscales it. Under a
+`keras.optimizers.LossScaleOptimizer` (what `compile` uses under
+`"mixed_float16"`), a step whose losses are finite but whose gradients
+overflow while the scale is above 1 is not a failure: it is a skipped step.
+The optimizer receives NaN gradients, so it changes neither the weights nor
+its inner optimizer's slots and `iterations` and halves its scale; the
+strategy's state is not committed and the trackers do not record the batch.
+Non-finite losses (NaN data, a float16 forward pass out of range) and
+non-finite gradients at a scale of 1 or less stay failures.
 """
 
 from __future__ import annotations
@@ -46,6 +62,7 @@ import tensorflow as tf
 from keras import tree
 
 from kmtl.backend.tensorflow import checks, distribute, gram
+from kmtl.backend.tensorflow.scaling import LossScale
 from kmtl.weighting.base import combine_with, gram_matrix
 
 #: Codes of `objective.status[0]`: what made a step fail.
@@ -117,11 +134,12 @@ def train_step(model, data):
     else:
         y_pred, losses, task_weights, commit = _loss_level(model, strategy, x, targets, weights, verdict)
     accept = verdict.accepted(objective.status)
-    commit(accept)
+    # An overflow step is accepted (no failure) but updates nothing except the loss scale.
+    update = commit(accept)
     verdict.record(objective.status, accept)
     if strategy is not None and getattr(strategy, "needs_losses_after_step", False):
-        _after_step(model, strategy, x, targets, weights, losses, accept)
-    objective.update_trackers(losses, _batch_size(x), task_weights, accept)
+        _after_step(model, strategy, x, targets, weights, losses, update)
+    objective.update_trackers(losses, _batch_size(x), task_weights, update)
     logs = dict(
         model.compute_metrics(x, targets, y_pred, sample_weight=_metric_weights(model, sample_weight))
     )
@@ -157,9 +175,27 @@ def _solver_inputs(losses):
 
 
 def _check_losses(losses, verdict):
+    """Requires finite losses; returns the scalar "all losses finite"."""
     verdict.require(losses.finite, BAD_LOSS)
+    finite = tf.reduce_all(losses.finite)
     if losses.regularization_value is not None:
-        verdict.require(tf.math.is_finite(losses.regularization_value), BAD_LOSS)
+        regularization_finite = tf.math.is_finite(losses.regularization_value)
+        verdict.require(regularization_finite, BAD_LOSS)
+        finite = tf.logical_and(finite, regularization_finite)
+    return distribute.all_true(finite)
+
+
+def _commit(accept, overflow, optimizer, grads, variables, strategy, new_state, scale):
+    """Applies the update and the strategy's state if `accept`; returns "the step updated".
+
+    On an overflow step the optimizer still gets the (NaN) gradients: a
+    `LossScaleOptimizer` then skips the update and lowers its scale.
+    """
+    distribute.apply_if(accept, optimizer, scale.for_optimizer(grads, variables, overflow), variables)
+    update = tf.logical_and(accept, tf.logical_not(overflow))
+    if strategy is not None:
+        strategy.commit(new_state, update)
+    return update
 
 
 # --- loss level ------------------------------------------------------------------
@@ -186,15 +222,17 @@ def _loss_level(model, strategy, x, targets, weights, verdict):
         if losses.regularization_share is not None:
             total = total + losses.regularization_share
         scaled = optimizer.scale_loss(total)
-    grads = _zeros_for_none(tape.gradient(scaled, variables), variables)
-    _check_losses(losses, verdict)
+    scale = LossScale(optimizer)
+    grads = [scale.unscale(g) for g in _zeros_for_none(tape.gradient(scaled, variables), variables)]
+    losses_finite = _check_losses(losses, verdict)
+    grads_finite = distribute.all_true(_all_finite(grads))
+    overflow = scale.overflow(losses_finite, grads_finite)
     verdict.require(_all_finite([task_weights]), BAD_UPDATE)
-    verdict.require(distribute.all_true(_all_finite(grads)), BAD_UPDATE)
+    verdict.require(tf.logical_or(grads_finite, overflow), BAD_UPDATE)
 
     def commit(accept):
-        distribute.apply_if(accept, optimizer, grads, variables)
-        if strategy is not None:
-            strategy.commit({**new_state, "task_weights": task_weights}, accept)
+        state = {**new_state, "task_weights": task_weights}
+        return _commit(accept, overflow, optimizer, grads, variables, strategy, state, scale)
 
     return y_pred, losses, task_weights, commit
 
@@ -269,6 +307,7 @@ def _gradient_level(model, strategy, x, targets, weights, verdict):
     flat_rep = tree.flatten(representation)
     shared, heads, rest = _split_variables(model, names)
     step = optimizer.iterations
+    scale = LossScale(optimizer)
 
     # Each task's gradient of the representation and of its own head: one pass
     # through that task's decoder (none through the other decoders).
@@ -277,15 +316,19 @@ def _gradient_level(model, strategy, x, targets, weights, verdict):
         sources = flat_rep + heads[name]
         grads = _zeros_for_none(tape.gradient(scaled[i], sources), sources)
         rep_grads.append(grads[: len(flat_rep)])
-        head_grads.extend(grads[len(flat_rep) :])
-    rep_grads = [tf.stack(parts) for parts in zip(*rep_grads)]  # per flat tensor: [T, B, ...]
+        head_grads.extend(scale.unscale(g) for g in grads[len(flat_rep) :])
+    # Per flat tensor, [T, B, ...]: as taken (scaled, in the representation's
+    # dtype) for backward passes, and unscaled in float32 for the strategy.
+    rep_cotangents = [tf.stack(parts) for parts in zip(*rep_grads)]
+    rep_grads = [scale.unscale(g) for g in rep_cotangents]
 
     state = strategy.state()
     values, present = _solver_inputs(losses)
 
     def encoder_backward(rep_combination):
-        grads = tape.gradient(flat_rep, shared, output_gradients=rep_combination)
-        return _zeros_for_none(grads, shared)
+        cotangents = [scale.cotangent(c, r.dtype) for c, r in zip(rep_combination, flat_rep)]
+        grads = tape.gradient(flat_rep, shared, output_gradients=cotangents)
+        return [scale.unscale(g) for g in _zeros_for_none(grads, shared)]
 
     def full():
         if strategy.mode == "representation":
@@ -300,11 +343,13 @@ def _gradient_level(model, strategy, x, targets, weights, verdict):
                 )
             shared_grads = encoder_backward(combination)
         elif on_gram_engine:
-            matrix, flags = _sanitize_gram(gram.stagewise_gram(tape, model, hidden, rep_grads))
+            matrix = gram.stagewise_gram(tape, model, hidden, rep_cotangents, scale.unscale)
+            matrix, flags = _sanitize_gram(matrix)
             alpha, new_state = strategy.weights_from_gram(matrix, values, present, step, state)
             shared_grads = encoder_backward(combine_with(alpha, rep_grads))
         else:
-            stacked = gram.per_task_parameter_gradients(tape, flat_rep, shared, rep_grads)
+            stacked = gram.per_task_parameter_gradients(tape, flat_rep, shared, rep_cotangents)
+            stacked = [scale.unscale(g) for g in stacked]
             clean, flags = _sanitize_stacked(distribute.sum_over_replicas(stacked))
             combined, alpha, new_state = strategy.combine_gradients(clean, values, present, step, state)
             # The optimizer sums over replicas again: hand it a per-replica share.
@@ -340,15 +385,17 @@ def _gradient_level(model, strategy, x, targets, weights, verdict):
         grads = grads + [tf.zeros_like(v) for v in rest]
     if reg is not None:
         reg_grads = _zeros_for_none(tape.gradient(reg, variables), variables)
-        grads = [g + r for g, r in zip(grads, reg_grads)]
-    _check_losses(losses, verdict)
-    verdict.require(task_flags, BAD_TASK_GRADIENT)
-    verdict.require(_all_finite([alpha]), BAD_UPDATE)
-    verdict.require(distribute.all_true(_all_finite(grads)), BAD_UPDATE)
+        grads = [g + scale.unscale(r) for g, r in zip(grads, reg_grads)]
+    losses_finite = _check_losses(losses, verdict)
+    grads_finite = distribute.all_true(tf.logical_and(tf.reduce_all(task_flags), _all_finite(grads)))
+    overflow = scale.overflow(losses_finite, grads_finite)
+    verdict.require(tf.logical_or(task_flags, overflow), BAD_TASK_GRADIENT)
+    verdict.require(tf.logical_or(_all_finite([alpha]), overflow), BAD_UPDATE)
+    verdict.require(tf.logical_or(grads_finite, overflow), BAD_UPDATE)
 
     def commit(accept):
-        distribute.apply_if(accept, optimizer, grads, variables)
-        strategy.commit({**new_state, "task_weights": alpha}, accept)
+        state = {**new_state, "task_weights": alpha}
+        return _commit(accept, overflow, optimizer, grads, variables, strategy, state, scale)
 
     return y_pred, losses, alpha, commit
 
