@@ -1244,7 +1244,8 @@ def movielens_tasks(
         )
     from kmtl.data import _order
 
-    span = _order.check(epochs, skip_batches, seed if shuffle_seed is None else shuffle_seed, batch_size)
+    order_seed = seed if shuffle_seed is None else shuffle_seed
+    span = _order.check(epochs, skip_batches, order_seed, batch_size)
     rows = _rows(tasks, split, split_scheme, test_fraction, negatives, seed, source, data_dir, tfds_data_dir)
     if shuffle is None:
         shuffle = split != "test"
@@ -1274,7 +1275,6 @@ def movielens_tasks(
 
     num_rows = len(rows.user_index)
     if span is not None:
-        order_seed = seed if shuffle_seed is None else shuffle_seed
         pipeline = _order.index_batches(
             num_rows, batch_size, drop_remainder, shuffle, order_seed, span, int(skip_batches)
         )
@@ -1282,7 +1282,6 @@ def movielens_tasks(
         return pipeline.prefetch(tf.data.AUTOTUNE)
     pipeline = tf.data.Dataset.range(num_rows)
     if shuffle and num_rows > 1:
-        order_seed = seed if shuffle_seed is None else shuffle_seed
         pipeline = pipeline.shuffle(num_rows, seed=order_seed, reshuffle_each_iteration=True)
     block = batch_size if batch_size is not None else _UNBATCHED_BLOCK
     pipeline = pipeline.batch(block, drop_remainder=drop_remainder and batch_size is not None)
