@@ -155,11 +155,12 @@ def _check_names(config: dict, where: str) -> None:
         spec = config["weighting"]
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)
         build_weighting(spec, f'"weighting" in {where}')
-        config["weighting"] = dict(spec, name=spec["name"].lower().replace("-", "_"))
+        config["weighting"] = dict(spec, name=_strategy_key(spec["name"]))
 
 
-def _strategy_names() -> list[str]:
-    return weighting.names()
+def _strategy_key(name: str) -> str:
+    """A strategy name as `kmtl.weighting.names()` spells it (`"PC-Grad"` -> `"pc_grad"`)."""
+    return name.lower().replace("-", "_")
 
 
 def _optimizer(config):
@@ -189,12 +190,12 @@ def build_weighting(spec: str | Mapping, label: str = '"weighting"') -> weightin
         spec = {"name": spec}
     options = {key: value for key, value in spec.items() if key != "name"}
     name = spec.get("name")
-    if not isinstance(name, str) or name.lower().replace("-", "_") not in weighting.names():
+    if not isinstance(name, str) or _strategy_key(name) not in weighting.names():
         raise ValueError(
             f"{label}: unknown strategy {name!r}; the strategies are {weighting.names()}. "
             f"Received: weighting={dict(spec)!r}"
         )
-    key = name.lower().replace("-", "_")
+    key = _strategy_key(name)
     try:
         return weighting.get(key, **options)
     except (TypeError, ValueError) as error:
@@ -371,8 +372,8 @@ def _build(options):
     weighting = options["weighting"]
     spec = {"name": weighting} if isinstance(weighting, str) else weighting
     if isinstance(spec, dict):
-        key = str(spec.get("name", "")).lower().replace("-", "_")
-        if "seed" not in spec and key in _strategy_names() and "seed" in _strategy_options(key):
+        key = _strategy_key(str(spec.get("name", "")))
+        if "seed" not in spec and key in weighting.names() and "seed" in _strategy_options(key):
             # A random strategy draws from the run's seed, not from a fresh system seed: the run
             # is reproducible, and a resumed run continues the same draws.
             weighting = dict(spec, seed=options["seed"])
