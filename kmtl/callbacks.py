@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import zipfile
 
 import keras
 import numpy as np
 
+from kmtl import _atomic
 from kmtl.errors import NonFiniteLossError
 
 _WHAT = {
@@ -282,18 +282,7 @@ class BackupAndRestore(keras.callbacks.Callback):
         arrays = {f"t{i}": a for i, a in enumerate(training)}
         arrays.update({f"m{i}": a for i, a in enumerate(metrics)})
         arrays["record"] = np.array(json.dumps(record, default=float))
-        os.makedirs(self.directory, exist_ok=True)
-        handle, tmp = tempfile.mkstemp(prefix=f".{CHECKPOINT_FILE}.", suffix=".tmp", dir=self.directory)
-        try:
-            with os.fdopen(handle, "wb") as f:
-                np.savez(f, **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        _atomic.replace_file(self.path, lambda f: np.savez(f, **arrays), binary=True)
         self._last_save = time.monotonic()
         self._position = (self._epoch, self._step)
         return self.path

@@ -37,7 +37,6 @@ import inspect
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 import kmtl_cli
-from kmtl import architectures, data, trunks, weighting
+from kmtl import _atomic, architectures, data, trunks, weighting
 
 #: Config keys that cannot change what is trained: left out of `config_hash`.
 HASH_EXCLUDED = ("out", "verbose", "name", "tensorboard")
@@ -645,18 +644,7 @@ def write_json_atomic(path: Path, value) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Writes `text` to a temporary sibling, flushes it and moves it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    _atomic.replace_file(path, lambda f: f.write(text))
 
 
 def _read_previous(path: Path, force: bool):
