@@ -39,14 +39,7 @@ SCRIPT = (
         mask[masked] = (np.arange(32) % 4 != 0).astype("float32")  # a quarter of its labels missing
         with make_scope().scope():
             keras.utils.set_random_seed(3)
-            spec = dict(heads=task_heads(architecture), trunk=trunks.conv((4,), (8,)), architecture=architecture)
-            if architecture == "task_routed":
-                model = kmtl.build_model(inputs={"digit": (8, 8, 1), "parity": (8, 8, 1)}, **spec)
-            else:
-                model = kmtl.build_model(input_shape=(8, 8, 1), **spec)
-            weighting = kmtl.weighting.get(strategy)
-            if weighting.level == "gradient" and weighting.mode == "representation" and not model.supports_representation:
-                weighting = kmtl.weighting.get(strategy, mode="parameters")
+            model, weighting = model_and_weighting(strategy, architecture)
             model.compile(optimizer=keras.optimizers.SGD(0.05), loss_weights={masked: 0.5}, weighting=weighting)
         ds = tf.data.Dataset.from_tensor_slices((x, y, mask)).batch(16)
         history = model.fit(ds, epochs=2, verbose=0)

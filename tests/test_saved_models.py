@@ -51,6 +51,19 @@ COMMON = textwrap.dedent(
 
     # The second trained task weighs 0.5 (ESMM trains watched and watched_and_liked).
     SECOND = {"esmm": "watched_and_liked"}
+
+    # The pair's model (conv trunk) and strategy, in parameter mode where the
+    # architecture has no shared representation (e.g. GradDrop on CGC).
+    def model_and_weighting(strategy, architecture):
+        spec = dict(heads=task_heads(architecture), trunk=trunks.conv((4,), (8,)), architecture=architecture)
+        if architecture == "task_routed":
+            model = kmtl.build_model(inputs={"digit": (8, 8, 1), "parity": (8, 8, 1)}, **spec)
+        else:
+            model = kmtl.build_model(input_shape=(8, 8, 1), **spec)
+        weighting = kmtl.weighting.get(strategy)
+        if weighting.level == "gradient" and weighting.mode == "representation" and not model.supports_representation:
+            weighting = kmtl.weighting.get(strategy, mode="parameters")
+        return model, weighting
     """
 )
 
@@ -60,14 +73,7 @@ TRAIN = COMMON + textwrap.dedent(
     for strategy, architecture in pairs:
         keras.utils.set_random_seed(0)
         x, y = data(architecture)
-        spec = dict(heads=task_heads(architecture), trunk=trunks.conv((4,), (8,)), architecture=architecture)
-        if architecture == "task_routed":
-            model = kmtl.build_model(inputs={"digit": (8, 8, 1), "parity": (8, 8, 1)}, **spec)
-        else:
-            model = kmtl.build_model(input_shape=(8, 8, 1), **spec)
-        weighting = kmtl.weighting.get(strategy)
-        if weighting.level == "gradient" and weighting.mode == "representation" and not model.supports_representation:
-            weighting = kmtl.weighting.get(strategy, mode="parameters")  # e.g. GradDrop on CGC
+        model, weighting = model_and_weighting(strategy, architecture)
         model.compile(optimizer="adam", loss_weights={SECOND.get(architecture, "parity"): 0.5}, weighting=weighting)
         model.fit(x, y, batch_size=8, epochs=2, verbose=0)
         name = f"{strategy}-{architecture}"
