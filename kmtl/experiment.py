@@ -368,17 +368,17 @@ def _build(options):
             trunk = trunks.get(trunk)
     model = kmtl.build_model(heads=heads, trunk=trunk, architecture=options["architecture"], **inputs)
     optimizer = _optimizer(options)
-    weighting = options["weighting"]
-    spec = {"name": weighting} if isinstance(weighting, str) else weighting
+    strategy = options["weighting"]
+    spec = {"name": strategy} if isinstance(strategy, str) else strategy
     if isinstance(spec, dict):
         key = _strategy_key(str(spec.get("name", "")))
         if "seed" not in spec and key in weighting.names() and "seed" in _strategy_options(key):
             # A random strategy draws from the run's seed, not from a fresh system seed: the run
             # is reproducible, and a resumed run continues the same draws.
-            weighting = dict(spec, seed=options["seed"])
-    if isinstance(weighting, dict):  # {"name": strategy, option: value} from a config file
-        weighting = build_weighting(weighting)
-    model.compile(optimizer=optimizer, loss_weights=options["loss_weights"], weighting=weighting)
+            strategy = dict(spec, seed=options["seed"])
+    if isinstance(strategy, dict):  # {"name": strategy, option: value} from a config file
+        strategy = build_weighting(strategy)
+    model.compile(optimizer=optimizer, loss_weights=options["loss_weights"], weighting=strategy)
     return model
 
 
