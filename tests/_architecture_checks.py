@@ -163,13 +163,3 @@ def assert_gradient_level_equals_equal_weighting(
         np.testing.assert_allclose(c, r, atol=2e-5, rtol=1e-4)
         moved = moved or not np.allclose(b, r)
     assert moved, "the step changed no weight"
-
-
-def assert_pcgrad_fit_runs(model, x, y):
-    try:
-        strategy = kmtl.weighting.get("pcgrad")
-    except (ImportError, ModuleNotFoundError):
-        pytest.skip("kmtl.weighting pcgrad is not available yet")
-    model.compile(optimizer="adam", weighting=strategy)
-    history = model.fit(x, y, epochs=1, batch_size=64, verbose=0)
-    assert np.isfinite(history.history["loss"][-1])

@@ -5,7 +5,6 @@ from _architecture_checks import (
     assert_gradient_level_equals_equal_weighting,
     assert_keras_round_trip,
     assert_partition,
-    assert_pcgrad_fit_runs,
     assert_saved_model_matches,
     build,
     digit_parity,
@@ -71,11 +70,6 @@ def test_parameter_mode_equals_equal_weighting(data):
     assert_gradient_level_equals_equal_weighting(
         lambda: build("cross_stitch"), x[:32], {k: v[:32] for k, v in y.items()}
     )
-
-
-def test_pcgrad_fit_runs(data):
-    x, y = data[0]
-    assert_pcgrad_fit_runs(build("cross_stitch"), x[:128], {k: v[:128] for k, v in y.items()})
 
 
 def test_needs_two_heads():

@@ -6,7 +6,6 @@ from _architecture_checks import (
     assert_gradient_level_equals_equal_weighting,
     assert_keras_round_trip,
     assert_partition,
-    assert_pcgrad_fit_runs,
     assert_saved_model_matches,
     build,
     digit_parity,
@@ -82,11 +81,6 @@ def test_representation_mode_is_refused_for_input_gates():
     model = build("mmoe", num_experts=2)
     with pytest.raises(ValueError, match="no single shared representation"):
         model.compile(weighting=OnesFromGram(mode="representation"))
-
-
-def test_pcgrad_fit_runs(data):
-    x, y = data[0]
-    assert_pcgrad_fit_runs(build("mmoe", num_experts=2), x[:128], {k: v[:128] for k, v in y.items()})
 
 
 def test_dense_trunk_experts():

@@ -4,7 +4,6 @@ from _architecture_checks import (
     assert_gradient_level_equals_equal_weighting,
     assert_keras_round_trip,
     assert_partition,
-    assert_pcgrad_fit_runs,
     assert_saved_model_matches,
     build,
     digit_parity,
@@ -55,11 +54,6 @@ def test_gradient_level_equals_equal_weighting(data, mode):
     assert_gradient_level_equals_equal_weighting(
         lambda: build("mtan"), x[:32], {k: v[:32] for k, v in y.items()}, mode=mode
     )
-
-
-def test_pcgrad_fit_runs(data):
-    x, y = data[0]
-    assert_pcgrad_fit_runs(build("mtan"), x[:128], {k: v[:128] for k, v in y.items()})
 
 
 def test_dense_trunk_is_a_clear_error():

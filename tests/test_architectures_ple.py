@@ -5,7 +5,6 @@ from _architecture_checks import (
     assert_gradient_level_equals_equal_weighting,
     assert_keras_round_trip,
     assert_partition,
-    assert_pcgrad_fit_runs,
     assert_saved_model_matches,
     build,
     digit_parity,
@@ -94,11 +93,6 @@ def test_cgc_with_stem_supports_representation():
     model = build("cgc", gate_input="stem")
     assert model.supports_representation
     assert_partition(model)
-
-
-def test_pcgrad_fit_runs(data):
-    x, y = data[0]
-    assert_pcgrad_fit_runs(build("ple"), x[:128], {k: v[:128] for k, v in y.items()})
 
 
 @pytest.mark.parametrize(

@@ -110,18 +110,6 @@ def test_masked_gradient_level_step_equals_equal_weighting(arrays):
     assert_gradient_level_equals_equal_weighting(build, x, y, sample_weight=mask)
 
 
-def test_pcgrad_fit_runs(arrays):
-    x, y, mask = next(iter(routed_stream(arrays, batch_size=64)))
-    model = build()
-    try:
-        strategy = kmtl.weighting.get("pcgrad")
-    except ModuleNotFoundError:
-        pytest.skip("pcgrad not available yet")
-    model.compile(optimizer="adam", weighting=strategy)
-    history = model.fit(x, y, sample_weight=mask, epochs=1, verbose=0)
-    assert np.isfinite(history.history["loss"][-1])
-
-
 def test_routes_let_two_heads_read_one_input():
     model = kmtl.build_model(
         heads=[heads.Classification("digit", 10), heads.Binary("parity")],

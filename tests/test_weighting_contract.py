@@ -311,7 +311,9 @@ def mnist(mnist_dir):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_fit_on_mnist_improves_both_tasks_and_survives_reload(name, mnist, tmp_path):
+def test_fit_on_mnist_improves_both_tasks(name, mnist):
+    # Saving and loading are checked in a fresh process by tests/test_saved_models.py
+    # (every strategy, trained) and in-process by the serialization test above.
     heads, train, test, before = mnist
     model = _fresh_model(heads, name)
     history = model.fit(train, epochs=2, verbose=0)
@@ -320,13 +322,6 @@ def test_fit_on_mnist_improves_both_tasks_and_survives_reload(name, mnist, tmp_p
         assert after[f"{task}_loss"] < 0.8 * before[f"{task}_loss"], (task, before, after)
         weights = history.history[f"{task}_weight"]
         assert len(weights) == 2 and all(math.isfinite(w) for w in weights), weights
-    path = tmp_path / f"{name}.keras"
-    model.save(path)
-    restored = keras.models.load_model(path)
-    assert type(restored.weighting) is type(model.weighting)
-    assert restored.weighting.get_config() == model.weighting.get_config()
-    for a, b in zip(restored.weighting.get_weights(), model.weighting.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("value", [None, float("nan"), 0, -2, 1.5, True, "2"])
