@@ -252,6 +252,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", dest="data_dir", help="default: $KMTL_DATA_DIR")
     bench.add_argument("--force", action="store_true", help="retrain every run even if cached")
     bench.add_argument(
+        "--no-resume",
+        dest="no_resume",
+        action="store_true",
+        help="start over the seed an interrupted benchmark was training: delete its checkpoint "
+        "(default: continue from it; finished runs are reused either way)",
+    )
+    bench.add_argument(
         "--verbose", type=int, choices=VERBOSITY, help="Keras fit verbosity of each run (default: 0)"
     )
     return parser
@@ -816,6 +823,7 @@ def benchmark_options(args) -> dict:
         "dataset": args.dataset,
         "quick": bool(args.quick),
         "force": bool(args.force),
+        "resume": not args.no_resume,
         "source": args.source or "auto",
         "data_dir": args.data_dir,
         "verbose": 0 if args.verbose is None else args.verbose,

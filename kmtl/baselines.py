@@ -109,6 +109,7 @@ def single_task_baselines(
     force: bool = False,
     out: str | os.PathLike | None = None,
     verbose: int | str | None = None,
+    resume: bool = True,
 ) -> Baselines:
     """Trains the config's trunk on each of its tasks alone, with the same budget.
 
@@ -125,6 +126,9 @@ def single_task_baselines(
         force: retrain even if cached.
         out: parent directory of the runs (default: the config's `out`).
         verbose: Keras `fit` verbosity (default: the config's).
+        resume: continue a seed killed mid-training from its checkpoint;
+            `False` deletes such a checkpoint and trains that seed from the
+            start (finished seeds stay cached; see `kmtl.experiment.run`).
 
     Returns:
         A `Baselines`; its `mean` is `{task: {metric: value}}` on the test
@@ -148,7 +152,7 @@ def single_task_baselines(
             architecture="hard_sharing",
             name=f"{base}-single-{task}",
         )
-        results[task] = experiment.run(single, force=force, out=out, verbose=verbose)
+        results[task] = experiment.run(single, force=force, out=out, verbose=verbose, resume=resume)
         progress.end()
     return Baselines(results=results)
 
@@ -477,6 +481,7 @@ def static_weight_sweep(
     force: bool = False,
     out: str | os.PathLike | None = None,
     verbose: int | str | None = None,
+    resume: bool = True,
 ) -> Sweep:
     """Trains fixed loss weights on a grid and chooses the best on a validation split.
 
@@ -525,6 +530,7 @@ def static_weight_sweep(
         force: retrain even if cached.
         out: parent directory of the runs (default: the config's `out`).
         verbose: Keras `fit` verbosity (default: the config's).
+        resume: as for `single_task_baselines`.
 
     Returns:
         A `Sweep`.
@@ -557,7 +563,7 @@ def static_weight_sweep(
             test_split=validation_split,
             name=f"{base}-static-{label}",
         )
-        results.append(experiment.run(candidate, force=force, out=out, verbose=verbose))
+        results.append(experiment.run(candidate, force=force, out=out, verbose=verbose, resume=resume))
         progress.end()
     scores = _scores([result.mean for result in results], tasks, selection)
     chosen = int(np.argmin(scores))
@@ -581,6 +587,7 @@ def static_weight_sweep(
             force=force,
             out=out,
             verbose=verbose,
+            resume=resume,
         )
     return Sweep(
         tasks=tasks,

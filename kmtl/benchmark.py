@@ -235,6 +235,7 @@ def run(
     source: str = "auto",
     force: bool = False,
     verbose: int | str = 0,
+    resume: bool = True,
 ) -> Benchmark:
     """Runs the benchmark of one composite dataset and writes its table and plot.
 
@@ -250,6 +251,10 @@ def run(
         source: `"auto"`, `"local"` or `"tfds"`.
         force: retrain every run even if cached.
         verbose: Keras `fit` verbosity of each run.
+        resume: continue a seed killed mid-training from its checkpoint
+            (default); `False` (`kmtl benchmark --no-resume`) deletes such a
+            checkpoint and trains that seed from the start. Finished runs
+            are reused either way (unless `force`).
 
     Returns:
         A `Benchmark`.
@@ -287,14 +292,16 @@ def run(
         f"2 single-task runs, a static sweep, {len(chosen)} strategies -> {Path(out) / ('benchmark-' + dataset + '-' + budget_name)}",
         flush=True,
     )
-    single = baselines.single_task_baselines(config, force=force)
+    single = baselines.single_task_baselines(config, force=force, resume=resume)
     single_seconds = sum(single.seconds_per_epoch.values())
-    sweep = baselines.static_weight_sweep(config, grid=budget["grid"], force=force)
+    sweep = baselines.static_weight_sweep(config, grid=budget["grid"], force=force, resume=resume)
     progress = experiment.Progress("benchmark strategy", len(chosen))
     results = {}
     for method, spec in chosen.items():
         progress.begin(method)
-        results[method] = experiment.run(dict(config, weighting=spec, name=f"{prefix}-{method}"), force=force)
+        results[method] = experiment.run(
+            dict(config, weighting=spec, name=f"{prefix}-{method}"), force=force, resume=resume
+        )
         progress.end()
     rows = [
         # Δm of the baselines against themselves is 0 by definition (+0, not the -0 of the formula).

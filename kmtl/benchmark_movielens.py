@@ -145,6 +145,7 @@ def run(
     source: str = "auto",
     force: bool = False,
     verbose: int | str = 0,
+    resume: bool = True,
 ) -> Benchmark:
     """Runs the MovieLens benchmark and writes its table.
 
@@ -160,6 +161,10 @@ def run(
         source: `"auto"`, `"local"` or `"tfds"`.
         force: retrain every run even if cached.
         verbose: Keras `fit` verbosity of each run.
+        resume: continue a seed killed mid-training from its checkpoint
+            (default); `False` (`kmtl benchmark --no-resume`) deletes such a
+            checkpoint and trains that seed from the start. Finished runs
+            are reused either way (unless `force`).
 
     Returns:
         A `Benchmark` (`rows`: one dict per method with `rating_rmse`,
@@ -199,7 +204,7 @@ def run(
         f"3 single-task runs, {len(combinations)} architecture x strategy runs -> {directory}",
         flush=True,
     )
-    single = baselines.single_task_baselines(config, force=force)
+    single = baselines.single_task_baselines(config, force=force, resume=resume)
     progress = experiment.Progress("benchmark run", len(combinations))
     results = {}
     for architecture, strategy in combinations:
@@ -214,6 +219,7 @@ def run(
                 name=f"{prefix}-{architecture}-{strategy}",
             ),
             force=force,
+            resume=resume,
         )
         progress.end()
     single_row = _row("single-task", single.mean, single.std, single, sum(single.seconds_per_epoch.values()))

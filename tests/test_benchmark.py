@@ -101,3 +101,35 @@ def test_benchmark_run_checks_its_arguments():
         "famo",
         "upgrad",
     }
+
+
+class _Stop(Exception):
+    pass
+
+
+def _recorder(calls):
+    def run(config, **kwargs):
+        calls.append(kwargs.get("resume", True))
+        raise _Stop  # the first run is enough: what it was asked is recorded
+
+    return run
+
+
+@pytest.mark.parametrize("dataset", ["multimnist", "movielens"])
+@pytest.mark.parametrize("flags,resume", [([], True), (["--no-resume"], False)])
+def test_no_resume_reaches_the_runs_of_both_benchmarks(dataset, flags, resume, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(kmtl.experiment, "run", _recorder(calls))
+    with pytest.raises(_Stop):
+        cli.main(["benchmark", dataset, "--quick", *flags, "--out", str(tmp_path)])
+    assert calls == [resume]
+
+
+def test_no_resume_reaches_the_runs_of_the_baselines(tmp_path, monkeypatch):
+    config = {"dataset": "digits", "epochs": 1, "seeds": [0], "out": str(tmp_path)}
+    for call in (kmtl.evaluation.single_task_baselines, kmtl.evaluation.static_weight_sweep):
+        calls = []
+        monkeypatch.setattr(kmtl.experiment, "run", _recorder(calls))
+        with pytest.raises(_Stop):
+            call(config, resume=False)
+        assert calls == [False], call
