@@ -14,6 +14,9 @@
   multi-task batches.
 - `load_movielens`, `movielens_arrays`, `movielens_tasks`, `movielens_features`:
   MovieLens 100K tasks and the feature spec of their raw columns.
+- `synthetic_tasks` / `synthetic_task_dataset`: regression tasks of a set
+  relatedness (Ma et al. 2018), with `expected_label_correlation` and
+  `label_correlation` (module `kmtl.data.synthetic`).
 
 Example:
 
@@ -34,6 +37,14 @@ from kmtl.data.movielens import (
 )
 from kmtl.data.recipes import multi_mnist, multi_mnist_arrays
 from kmtl.data.sources import DATASETS, SOURCES, available, clear_cache, data_dir, load_arrays, parse_split
+from kmtl.data.synthetic import (
+    expected_label_correlation,
+    label_correlation,
+    synthetic_heads,
+    synthetic_task_dataset,
+    synthetic_task_names,
+    synthetic_tasks,
+)
 from kmtl.data.task_specs import (
     COMPOSITE_DATASETS,
     FASHION_MNIST_CLASSES,
@@ -49,12 +60,12 @@ from kmtl.data.tasks import digits_tasks, emnist_tasks, fashion_tasks, mnist_tas
 
 __all__ = [
     "COMPOSITE_DATASETS",
-    "RECOMMENDER_DATASETS",
     "DATASETS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_GROUPS",
     "FASHION_MNIST_GROUP_OF_CLASS",
     "IDXError",
+    "RECOMMENDER_DATASETS",
     "SOURCES",
     "available",
     "available_tasks",
@@ -64,8 +75,10 @@ __all__ = [
     "digits_tasks",
     "emnist",
     "emnist_tasks",
+    "expected_label_correlation",
     "fashion_tasks",
     "input_shape",
+    "label_correlation",
     "load_arrays",
     "load_movielens",
     "mix",
@@ -79,6 +92,10 @@ __all__ = [
     "parse_split",
     "read_idx",
     "recipes",
+    "synthetic_heads",
+    "synthetic_task_dataset",
+    "synthetic_task_names",
+    "synthetic_tasks",
     "task_dataset",
     "task_heads",
     "write_idx",
