@@ -72,6 +72,7 @@ CONFIG_ONLY_DEFAULTS = {
     "train_split": None,
     "test_split": None,
     "tensorboard": False,
+    "architecture_options": None,
 }
 CONFIG_KEYS = tuple(TRAIN_DEFAULTS) + tuple(CONFIG_ONLY_DEFAULTS)
 DEFAULT_TASKS = {
@@ -454,6 +455,8 @@ def _check_train_value(key, value, label, from_text):
         return value
     if key == "weighting":
         return _weighting(label, value)
+    if key == "architecture_options":
+        return _architecture_options(label, value)
     if key in ("epochs", "batch_size"):
         return _integer(label, value, from_text, minimum=1, what="a positive integer")
     if key == "train_limit":
@@ -481,6 +484,18 @@ def _check_train_value(key, value, label, from_text):
     if key in ("trunk", "data_dir"):
         return _string(label, value, optional=True)
     return _string(label, value)  # architecture, optimizer, out
+
+
+def _architecture_options(label, value):
+    """None, or a mapping of option names to JSON values (checked against the architecture later)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise UsageError(
+            f'{label} must be a mapping of option names to values, e.g. {{"shared_depth": 1}}. '
+            f"Received: {_describe(value)}"
+        )
+    return dict(value)
 
 
 def check_train_value(key: str, value, label: str | None = None, from_text: bool = False):

@@ -132,6 +132,15 @@ def _check_names(config: dict, where: str) -> None:
             f'"architecture" in {where} must be one of {architectures.names()}. '
             f"Received: architecture={config['architecture']!r}"
         )
+    if config["architecture_options"] is not None:
+        allowed = architectures.options(config["architecture"])
+        unknown = sorted(set(config["architecture_options"]) - set(allowed))
+        if unknown:
+            raise ValueError(
+                f'"architecture_options" in {where}: unknown option(s) {unknown} of architecture '
+                f"{config['architecture']!r}; its options are {sorted(allowed)}. "
+                f"Received: architecture_options={config['architecture_options']!r}"
+            )
     if config["trunk"] is not None:
         try:
             trunks.get(config["trunk"])
@@ -243,6 +252,9 @@ def config_hash(config: str | os.PathLike | Mapping) -> str:
 
 def _hash(normalised: dict) -> str:
     kept = {key: value for key, value in normalised.items() if key not in HASH_EXCLUDED}
+    if not kept.get("architecture_options"):
+        # Left out when empty, so configs written before the key existed keep their hashes.
+        kept.pop("architecture_options", None)
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"), allow_nan=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -366,6 +378,7 @@ def _build(options):
             trunk = trunks.conv((16, 32), (64,)) if shape[0] <= 8 else trunks.conv((32, 64), (128,))
         else:
             trunk = trunks.get(trunk)
+    inputs.update(options.get("architecture_options") or {})
     model = kmtl.build_model(heads=heads, trunk=trunk, architecture=options["architecture"], **inputs)
     optimizer = _optimizer(options)
     strategy = options["weighting"]
@@ -568,6 +581,8 @@ def _options_hash(options: dict) -> str:
         for key in sorted(set(kmtl_cli.TRAIN_DEFAULTS) | {"validation", "train_split", "test_split"})
         if key not in HASH_EXCLUDED + ("run_name",)
     }
+    if options.get("architecture_options"):  # absent when empty: older checkpoints keep their fingerprint
+        kept["architecture_options"] = options["architecture_options"]
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 

@@ -229,8 +229,21 @@ def test_config_hash_is_stable_and_ignores_what_cannot_change_results():
 
     normalised = experiment.load_config(config)
     kept = {k: v for k, v in normalised.items() if k not in ("out", "verbose", "name", "tensorboard")}
+    assert kept.pop("architecture_options") is None  # left out of the hash when empty
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     assert hashlib.sha256(text.encode()).hexdigest()[:16] == digest
+    assert experiment.config_hash(dict(config, architecture_options={})) == digest
+    assert experiment.config_hash(dict(config, architecture_options={"shared_depth": 1})) != digest
+
+
+def test_hashes_of_runs_recorded_before_architecture_options_still_hold():
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "full"
+    records = sorted(root.glob("*/experiment.json"))[:6]
+    assert records, root
+    for path in records:
+        record = json.loads(path.read_text())
+        assert "architecture_options" not in record["config"]
+        assert experiment.config_hash(record["config"]) == record["hash"], path
 
 
 def test_yaml_and_json_files_load_alike(tmp_path):
@@ -260,6 +273,11 @@ def test_yaml_and_json_files_load_alike(tmp_path):
         ({"tasks": ["digit", "colour"]}, ['"tasks"', "['colour']", "['digit', 'parity', 'large', 'value']"]),
         ({"dataset": "fashion_mnist", "tasks": "digit"}, ['"tasks"', "['item', 'group']"]),
         ({"architecture": "tower"}, ['"architecture"', "'hard_sharing'", "'mmoe'", "'tower'"]),
+        (
+            {"architecture": "mmoe", "architecture_options": {"experts": 2}},
+            ['"architecture_options"', "['experts']", "'mmoe'", "['gate_input', 'num_experts']"],
+        ),
+        ({"architecture_options": [1]}, ['"architecture_options"', "a mapping of option names"]),
         ({"trunk": "resnet"}, ['"trunk"', "lenet, conv, dense", "'resnet'"]),
         ({"weighting": "nope"}, ['"weighting"', "unknown strategy 'nope'", "'pcgrad'", "'cagrad'"]),
         ({"weighting": {"name": "nope"}}, ['"weighting"', "unknown strategy 'nope'", "'mgda'"]),
@@ -340,3 +358,12 @@ def test_seeds_flags_are_checked(tmp_path, capsys, monkeypatch):
     record = json.loads((tmp_path / "flags" / "experiment.json").read_text())
     assert record["config"]["seeds"] == [0, 1] and record["config"]["name"] == "flags"
     assert "mean ± std" in capsys.readouterr().out
+
+
+def test_architecture_options_reach_the_model(tmp_path):
+    config = experiment.load_config(
+        {"dataset": "digits", "epochs": 1, "architecture": "mmoe", "architecture_options": {"num_experts": 2}}
+    )
+    options = experiment._seed_options(config, 0, tmp_path)
+    model = experiment._build(options)
+    assert model.get_config()["architecture_options"] == {"num_experts": 2}
