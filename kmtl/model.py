@@ -311,6 +311,12 @@ class MultiTaskModel(keras.Model):
                     f"Architecture {self.architecture!r} has no single shared representation; "
                     f"use mode='parameters'. Received: {type(strategy).__name__}(mode='representation')"
                 )
+            if getattr(strategy, "mode", None) == "parameters" and not self.shared_variables:
+                raise ValueError(
+                    f"{type(strategy).__name__} combines the tasks' gradients of the shared parameters, and "
+                    f"this model has none (e.g. hard_sharing with shared_depth=0): use a loss-level "
+                    f"strategy or mode='representation'. Received: {type(strategy).__name__}(mode='parameters')"
+                )
             if kwargs.get("jit_compile") and not strategy.jit_safe:
                 raise ValueError(
                     f"{type(strategy).__name__} cannot run with jit_compile=True. Received: jit_compile=True"

@@ -113,6 +113,11 @@ class Trunk:
     def num_conv_stages(self) -> int:
         return len(self.filters)
 
+    @property
+    def num_blocks(self) -> int:
+        """How many blocks `stages()` returns: the conv blocks, then the Dense blocks."""
+        return len(self.filters) + len(self.dense_units)
+
     def stages(self, name: str = "trunk") -> list[keras.layers.Layer]:
         """Fresh blocks, one per conv block, then one for flatten + dense.
 

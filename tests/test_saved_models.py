@@ -21,7 +21,7 @@ import kmtl
 
 ARCHITECTURES = kmtl.architectures.names()
 STRATEGIES = kmtl.weighting.names()
-# Round robin: strategy i with architecture i mod 8 (17 strategies -> every architecture 2-3 times).
+# Round robin: strategy i with architecture i mod 9 (17 strategies -> every architecture 1-2 times).
 PAIRS = [(s, ARCHITECTURES[i % len(ARCHITECTURES)]) for i, s in enumerate(STRATEGIES)]
 
 COMMON = textwrap.dedent(

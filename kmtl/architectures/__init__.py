@@ -7,10 +7,11 @@ and export work the same for every architecture.
 
 | name           | module           | shared parameters                                   |
 |----------------|------------------|-----------------------------------------------------|
-| `hard_sharing` | `hard_sharing`   | the trunk                                           |
+| `hard_sharing` | `hard_sharing`   | the trunk (or its first `shared_depth` blocks)      |
 | `mmoe`         | `mmoe`           | experts (+ stem); gates are task-specific           |
 | `cgc`, `ple`   | `ple`            | shared experts, inner PLE levels (see `build_ple`)  |
 | `cross_stitch` | `cross_stitch`   | every column and cross-stitch unit                  |
+| `soft_sharing` | `soft_sharing`   | every task's trunk, tied by a penalty on kernels    |
 | `mtan`         | `mtan`           | the conv stages of the trunk                        |
 | `task_routed`  | `task_routed`    | the trunk, applied to each task's own input         |
 | `esmm`         | `esmm`           | both towers (pCTCVR = pCTR x pCVR, entire space)    |
@@ -28,12 +29,22 @@ import inspect
 import json
 
 from kmtl import registry
-from kmtl.architectures import cross_stitch, esmm, hard_sharing, layers, mmoe, mtan, ple, task_routed  # noqa: F401
+from kmtl.architectures import (  # noqa: F401
+    cross_stitch,
+    esmm,
+    hard_sharing,
+    layers,
+    mmoe,
+    mtan,
+    ple,
+    soft_sharing,
+    task_routed,
+)
 from kmtl.architectures.base import Parts, decoder_inputs
 from kmtl.architectures.inspection import expert_labels, expert_utilization
 from kmtl.architectures.task_routed import task_inputs, task_submodel
 
-_ORDER = ("hard_sharing", "mmoe", "cgc", "ple", "cross_stitch", "mtan", "task_routed", "esmm")
+_ORDER = ("hard_sharing", "mmoe", "cgc", "ple", "cross_stitch", "mtan", "task_routed", "esmm", "soft_sharing")
 
 
 def names() -> list[str]:
