@@ -42,7 +42,9 @@ from kmtl import delta, experiment
 __all__ = [
     "Baselines",
     "Sweep",
+    "check_weight_vectors",
     "pareto_front",
+    "random_vectors",
     "simplex_grid",
     "single_task_baselines",
     "static_weight_sweep",
@@ -209,8 +211,22 @@ def _task_list(tasks) -> list[str]:
     return tasks
 
 
-def _random_vectors(tasks: list[str], count: int, seed: int) -> list[dict]:
-    """The uniform vector, then `count - 1` Dirichlet(1) draws, each scaled to sum to T."""
+def random_vectors(tasks: list[str], count: int, seed: int) -> list[dict]:
+    """The uniform vector, then `count - 1` Dirichlet(1) draws, each scaled to sum to T.
+
+    Args:
+        tasks: task names.
+        count: number of vectors (>= 1).
+        seed: seed of the draws (`numpy.random.default_rng`).
+
+    Returns:
+        `[{task: weight}]`, `count` vectors whose weights sum to `len(tasks)`.
+
+    Example:
+
+    >>> [round(sum(v.values()), 6) for v in random_vectors(["a", "b"], 3, seed=0)]
+    [2.0, 2.0, 2.0]
+    """
     rng = np.random.default_rng(seed)
     vectors = [{t: 1.0 for t in tasks}]
     for draw in rng.dirichlet(np.ones(len(tasks)), size=count - 1):
@@ -218,7 +234,22 @@ def _random_vectors(tasks: list[str], count: int, seed: int) -> list[dict]:
     return vectors
 
 
-def _check_vectors(grid, tasks: list[str]) -> list[dict]:
+def check_weight_vectors(grid, tasks: list[str]) -> list[dict]:
+    """Checks a list of weight vectors and returns them as `{task: float}` in task order.
+
+    Args:
+        grid: a non-empty list of vectors, each a mapping `{task: weight}` naming
+            exactly `tasks` or a list of `len(tasks)` weights in task order.
+        tasks: task names.
+
+    Returns:
+        `[{task: weight}]`, the same vectors with float weights.
+
+    Raises:
+        ValueError: for an empty list, a vector that names other tasks or has
+            another length, a negative or non-finite weight, an all-zero vector
+            or a vector listed twice.
+    """
     if isinstance(grid, Mapping) or isinstance(grid, str) or not isinstance(grid, Sequence) or not grid:
         raise ValueError(
             "`grid` must be a resolution (int), or a non-empty list of weight vectors, each a mapping "
@@ -260,14 +291,14 @@ def _check_vectors(grid, tasks: list[str]) -> list[dict]:
 
 def _candidate_vectors(grid, tasks: list[str], seed: int) -> list[dict]:
     if grid is None:
-        return simplex_grid(tasks) if len(tasks) <= 3 else _random_vectors(tasks, RANDOM_CANDIDATES, seed)
+        return simplex_grid(tasks) if len(tasks) <= 3 else random_vectors(tasks, RANDOM_CANDIDATES, seed)
     if isinstance(grid, (int, np.integer)) and not isinstance(grid, bool):
         if len(tasks) <= 3:
             return simplex_grid(tasks, int(grid))
         if grid < 1:
             raise ValueError(f"`grid` (a number of random candidates) must be >= 1. Received: grid={grid!r}")
-        return _random_vectors(tasks, int(grid), seed)
-    return _check_vectors(grid, tasks)
+        return random_vectors(tasks, int(grid), seed)
+    return check_weight_vectors(grid, tasks)
 
 
 # --------------------------------------------------------------------- splits
