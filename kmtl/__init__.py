@@ -8,6 +8,8 @@ Build a model with named heads on a shared trunk (on images, arrays, or
 raw tabular columns described by `kmtl.inputs.Features`), train it with plain
 `model.fit` on dict targets, weight or aggregate the tasks with
 `kmtl.weighting`, evaluate per task and export one named output per head.
+Choose what to share and how much each task weighs with `kmtl.search` and
+`kmtl.relatedness`; `kmtl.sklearn.MultiTaskEstimator` is the scikit-learn face.
 
 Example:
 
@@ -39,6 +41,9 @@ from kmtl import (
     objective,
     plots,
     registry,
+    relatedness,
+    search,
+    sklearn,
     trunks,
     weighting,
 )
@@ -81,6 +86,9 @@ __all__ = [
     "objective",
     "plots",
     "registry",
+    "relatedness",
+    "search",
+    "sklearn",
     "trunks",
     "weighting",
 ]
