@@ -104,6 +104,20 @@ def representation_inputs(representation, prefix: str):
     return decoder_inputs(representation, prefix)
 
 
+def own_feature_decoders(features: dict, heads) -> dict:
+    """`{task: decoder}` over the whole `{task: features}` dict, each reading its own task's entry.
+
+    The decoders of architectures whose encoder keeps one feature column per task
+    (cross-stitch, soft sharing): every decoder takes the encoder's whole output, as
+    the `Parts` contract asks, and applies its head to its own column.
+    """
+    decoders = {}
+    for head in heads:
+        rep = representation_inputs(features, head.name)
+        decoders[head.name] = keras.Model(rep, head(rep[head.name]), name=head.name)
+    return decoders
+
+
 def branch(tensor, name: str):
     """A copy of `tensor` (a reshape to its own shape) for the representation.
 

@@ -78,13 +78,9 @@ def build_cross_stitch(inputs, trunk, heads, self_weight: float = 0.9) -> Parts:
     encoder = keras.Model(inputs, features, name="encoder")
 
     # === Decoders ===
-    decoders = {}
-    for head in heads:
-        rep = _common.representation_inputs(features, head.name)
-        decoders[head.name] = keras.Model(rep, head(rep[head.name]), name=head.name)
     return Parts(
         encoder=encoder,
-        decoders=decoders,
+        decoders=_common.own_feature_decoders(features, heads),
         supports_representation=False,
         shared_description="every task's trunk column and every cross-stitch unit",
     )

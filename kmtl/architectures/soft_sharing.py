@@ -256,13 +256,9 @@ def build_soft_sharing(inputs, trunk, heads, penalty: str = "l2", strength: floa
     encoder = keras.Model(inputs, features, name="encoder")
 
     # === Decoders ===
-    decoders = {}
-    for head in heads:
-        rep = _common.representation_inputs(features, head.name)
-        decoders[head.name] = keras.Model(rep, head(rep[head.name]), name=head.name)
     return Parts(
         encoder=encoder,
-        decoders=decoders,
+        decoders=_common.own_feature_decoders(features, heads),
         supports_representation=False,
         shared_description="every task's trunk (tied by the soft-sharing penalty)",
     )
