@@ -1,6 +1,6 @@
 """Runs every notebook top to bottom with small settings (KMTL_FAST=1).
 
-Notebooks 01-03 and 05 fall back to the bundled digits without MNIST; 04 is
+Notebooks 01-03, 05 and 07 fall back to the bundled digits without MNIST; 04 is
 about the real MNIST / Fashion-MNIST files and 06 about MovieLens 100K: each
 is skipped, with the reason, when its files are not under `$KMTL_DATA_DIR`.
 """
