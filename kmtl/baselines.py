@@ -472,15 +472,10 @@ def _compared(row: dict, tasks: list[str]) -> list[tuple[str, str]]:
 def _scores(rows: list[dict], tasks: list[str], selection: str) -> list[float]:
     """Lower is better. delta_m: Δm (%) against the best candidate of each metric; mean_rank: mean rank."""
     pairs = _compared(rows[0], tasks)
-    directions = {}
-    for task, metric in pairs:
-        direction = delta.direction(metric)
-        if direction is None:
-            raise ValueError(
-                f"Cannot tell whether a higher or a lower {metric!r} of task {task!r} is better; the sweep "
-                f"selects on the metrics of {delta.HIGHER_IS_BETTER} and {delta.LOWER_IS_BETTER}."
-            )
-        directions[(task, metric)] = direction
+    directions = delta.directions(
+        pairs,
+        remedy=f"the sweep selects on the metrics of {delta.HIGHER_IS_BETTER} and {delta.LOWER_IS_BETTER}",
+    )
     values = np.asarray([[row[t][m] for t, m in pairs] for row in rows], dtype=np.float64)
     signs = np.asarray([1.0 if directions[p] else -1.0 for p in pairs])
     if selection == "mean_rank":  # rank 1 = best on each metric; ties share their mean rank

@@ -167,8 +167,22 @@ def _pairs(results: dict, baselines: dict, metrics: Mapping | None) -> list[tupl
     return pairs
 
 
-def _directions(pairs: list, higher_is_better: Mapping | None) -> dict:
-    """`{(task, metric): bool}`: a "task/metric" key, then a bare metric key, then the tables."""
+def directions(pairs: list, higher_is_better: Mapping | None = None, remedy: str | None = None) -> dict:
+    """`{(task, metric): bool}` (True: higher is better) of `(task, metric)` pairs.
+
+    A `"task/metric"` key of `higher_is_better` first, then a bare metric key, then the
+    tables `HIGHER_IS_BETTER` / `LOWER_IS_BETTER` (see `direction`). Shared by `delta_m`,
+    the static-weight sweep and `kmtl.search`.
+
+    Args:
+        pairs: the compared `(task, metric)` pairs.
+        higher_is_better: optional overrides, as for `delta_m`.
+        remedy: what the caller's user should do about a metric of unknown direction
+            (default: pass `higher_is_better`).
+
+    Raises:
+        ValueError: for a malformed override, or a metric whose direction is unknown.
+    """
     if higher_is_better is not None and not isinstance(higher_is_better, Mapping):
         raise ValueError(
             f"`higher_is_better` must be a mapping {{metric: bool}}. Received: higher_is_better={higher_is_better!r}"
@@ -183,17 +197,19 @@ def _directions(pairs: list, higher_is_better: Mapping | None) -> dict:
                 f"`higher_is_better` key {key!r} names no compared metric (use 'metric' or 'task/metric'). "
                 f"Received: {key!r}; compared: {sorted(compared)}"
             )
-    directions = {}
+    found = {}
     for task, metric in pairs:
         higher = overrides.get(f"{task}/{metric}", overrides.get(metric, direction(metric)))
         if higher is None:
+            hint = remedy or (
+                f'pass higher_is_better={{"{metric}": True|False}} (or "{task}/{metric}" for this task only)'
+            )
             raise ValueError(
-                f"Cannot tell whether a higher or a lower {metric!r} is better (task {task!r}): pass "
-                f'higher_is_better={{"{metric}": True|False}} (or "{task}/{metric}" for this task only). '
+                f"Cannot tell whether a higher or a lower {metric!r} is better (task {task!r}): {hint}. "
                 f"Received: {task}/{metric}"
             )
-        directions[(task, metric)] = higher
-    return directions
+        found[(task, metric)] = higher
+    return found
 
 
 def delta_m(
@@ -272,7 +288,7 @@ def delta_m(
             "Nothing to compare: no (task, metric) pair. "
             f"Received: results tasks={list(results_rows)}, baselines tasks={list(baseline_rows)}, metrics={metrics!r}"
         )
-    directions = _directions(pairs, higher_is_better)
+    higher = directions(pairs, higher_is_better)
     terms = {}
     for task, metric in pairs:
         base = _number(baseline_rows[task][metric], "baselines", task, metric)
@@ -281,7 +297,7 @@ def delta_m(
                 f"Baseline {task}/{metric} must be non-zero (Δm divides by it). Received: {base}"
             )
         value = _number(results_rows[task][metric], "results", task, metric)
-        sign = -1.0 if directions[(task, metric)] else 1.0
+        sign = -1.0 if higher[(task, metric)] else 1.0
         terms[(task, metric)] = 100.0 * sign * (value - base) / abs(base)
     per_task = {}
     for (task, _), term in terms.items():
@@ -290,8 +306,8 @@ def delta_m(
         delta_m=sum(terms.values()) / len(terms),
         delta_p=sum(sum(v) / len(v) for v in per_task.values()) / len(per_task),
         terms=types.MappingProxyType(terms),
-        higher_is_better=types.MappingProxyType(directions),
+        higher_is_better=types.MappingProxyType(higher),
     )
 
 
-__all__ = ["Delta", "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "delta_m", "direction"]
+__all__ = ["Delta", "HIGHER_IS_BETTER", "LOWER_IS_BETTER", "delta_m", "direction", "directions"]

@@ -265,17 +265,11 @@ def _pairs(row: dict, tasks: list[str], metrics) -> list[tuple[str, str]]:
 
 
 def _directions(pairs) -> dict:
-    directions = {}
-    for task, metric in pairs:
-        higher = delta.direction(metric)
-        if higher is None:
-            raise ValueError(
-                f"Cannot tell whether a higher or a lower {metric!r} of task {task!r} is better: choose the "
-                f"compared metrics with `metrics` (names in {delta.HIGHER_IS_BETTER} or "
-                f"{delta.LOWER_IS_BETTER}). Received: {task}/{metric}"
-            )
-        directions[(task, metric)] = higher
-    return directions
+    return delta.directions(
+        pairs,
+        remedy=f"choose the compared metrics with `metrics` (names in {delta.HIGHER_IS_BETTER} or "
+        f"{delta.LOWER_IS_BETTER})",
+    )
 
 
 def _objective_values(scores: list, pairs, objective, reference) -> list[float]:
