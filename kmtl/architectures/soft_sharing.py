@@ -16,11 +16,7 @@ PENALTIES = ("l2", "trace")
 
 
 def _check_penalty(penalty) -> str:
-    if penalty not in PENALTIES:
-        raise ValueError(
-            f"soft_sharing: `penalty` must be one of {list(PENALTIES)}. Received: penalty={penalty!r}"
-        )
-    return penalty
+    return _common.choice(penalty, "penalty", PENALTIES, "soft_sharing")
 
 
 def _check_strength(strength) -> float:
