@@ -60,6 +60,7 @@ import numpy as np
 from kmtl import delta as delta_module
 from kmtl import diagnostics, evaluation
 from kmtl import heads as heads_module
+from kmtl._fresh import fresh
 
 #: The measures `RelatednessReport.ranking` and `heatmap` accept.
 MEASURES = ("affinity", "cosine", "delta_m")
@@ -337,13 +338,6 @@ def _positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _fresh(value):
-    """A new copy of a Keras object (optimizer, strategy) so that no two models share one."""
-    if hasattr(value, "get_config") and hasattr(type(value), "from_config"):
-        return type(value).from_config(value.get_config())
-    return value
-
-
 def _compile_arguments(options: Mapping, names: list[str], all_names: list[str]) -> dict:
     """The compile options for the model of `names`: fresh objects, per-head dicts cut to its heads."""
     arguments = {}
@@ -352,7 +346,7 @@ def _compile_arguments(options: Mapping, names: list[str], all_names: list[str])
             continue  # a single task has nothing to weight
         if isinstance(value, Mapping) and value and set(value) <= set(all_names):
             value = {k: v for k, v in value.items() if k in names}
-        arguments[key] = _fresh(value)
+        arguments[key] = fresh(value)
     arguments.setdefault("optimizer", "adam")
     return arguments
 

@@ -65,6 +65,7 @@ import numpy as np
 
 from kmtl import baselines as baselines_module
 from kmtl import delta, experiment
+from kmtl._fresh import fresh
 from kmtl.errors import NonFiniteLossError
 from kmtl.evaluation import evaluate
 
@@ -180,15 +181,6 @@ def _check_baselines(value, tasks: list[str], trainable: bool):
     raise ValueError(
         f"`baselines` must be {allowed} naming every task {tasks}. Received: baselines={value!r}"
     )
-
-
-def _fresh(value):
-    """A new optimizer (or weighting strategy) equal to `value`, so no two candidates share state."""
-    if isinstance(value, keras.optimizers.Optimizer):
-        return keras.optimizers.deserialize(keras.optimizers.serialize(value))
-    if hasattr(value, "get_config") and hasattr(type(value), "from_config"):
-        return type(value).from_config(value.get_config())
-    return value
 
 
 def _compile_options(options) -> dict:
@@ -824,7 +816,7 @@ def task_weights(
 
         def make(vector):
             model = build_fn()
-            model.compile(loss_weights=dict(vector), **{k: _fresh(v) for k, v in options.items()})
+            model.compile(loss_weights=dict(vector), **{k: fresh(v) for k, v in options.items()})
             return model
 
         described = _describe(options)
@@ -1041,7 +1033,7 @@ def branch_point(
 
     def make(depth):
         model = _build_at(build, depth)
-        model.compile(loss_weights=weights, **{k: _fresh(v) for k, v in options.items()})
+        model.compile(loss_weights=weights, **{k: fresh(v) for k, v in options.items()})
         return model
 
     settings = {
@@ -1209,7 +1201,7 @@ def hypermodel(
             weights = None
             if "weights" in space:
                 weights = _draw_weights(hp, names, grid, float(min_weight))
-            model.compile(loss_weights=weights, **{k: _fresh(v) for k, v in options.items()})
+            model.compile(loss_weights=weights, **{k: fresh(v) for k, v in options.items()})
             return model
 
         def fit(self, hp, model, x=None, y=None, validation_data=None, **kwargs):
