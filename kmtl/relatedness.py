@@ -58,7 +58,7 @@ import keras
 import numpy as np
 
 from kmtl import delta as delta_module
-from kmtl import diagnostics, evaluation
+from kmtl import diagnostics, evaluation, experiment
 from kmtl import heads as heads_module
 from kmtl._fresh import fresh
 
@@ -375,10 +375,8 @@ def _scores(report) -> dict:
 
 
 def _mean_scores(per_seed: list[dict]) -> dict:
-    return {
-        task: {m: float(np.mean([s[task][m] for s in per_seed])) for m in per_seed[0][task]}
-        for task in per_seed[0]
-    }
+    """The mean over seeds of `{task: {metric: value}}` (`kmtl.experiment.summarize`)."""
+    return experiment.summarize(dict(enumerate(per_seed)))[0]
 
 
 def relatedness_report(

@@ -438,12 +438,7 @@ def _summaries(units: list[list[dict]]) -> list[tuple]:
         if errors:
             out.append((None, None, errors[0]))
             continue
-        mean, std = {}, {}
-        for task, metrics in folds[0]["scores"].items():
-            for metric in metrics:
-                values = [u["scores"][task][metric] for u in folds]
-                mean.setdefault(task, {})[metric] = float(np.mean(values))
-                std.setdefault(task, {})[metric] = float(np.std(values))
+        mean, std = experiment.summarize(dict(enumerate(u["scores"] for u in folds)))
         out.append((mean, std, None))
     return out
 
